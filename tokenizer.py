@@ -15,6 +15,7 @@ Run it:
     python tokenizer.py train --input=path/to/dir_or_file --vocab_size=8192 --out=tokenizer.bpe
     python tokenizer.py encode --tokenizer=tokenizer.bpe "def hello(): return 42"
     python tokenizer.py stats --tokenizer=tokenizer.bpe --input=some_file.py
+    python tokenizer.py bench --vocab_size=8192    # training time vs Hugging Face tokenizers
 
 Use it:
     tok = Tokenizer.train(texts, vocab_size=8192)   # texts: a str or an iterable of documents
@@ -489,7 +490,7 @@ def _parse_rank_lines(lines: list) -> dict:
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
 
 
-def read_texts(path: str, stats: dict | None = None):
+def read_texts(path: str, stats: dict | None = None, suffixes: tuple = TEXT_SUFFIXES, skip_dirs: tuple = ()):
     """Yield the documents under path (a file, or every text file of a directory tree, sorted).
 
     Binary files (a NUL byte in the first 8 KB) are skipped; invalid UTF-8 is replaced by U+FFFD.
@@ -499,9 +500,10 @@ def read_texts(path: str, stats: dict | None = None):
     if not os.path.exists(path):
         raise FileNotFoundError(f"input {path} does not exist")
     if os.path.isdir(path):
-        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith(TEXT_SUFFIXES))
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith(suffixes)
+                       and not set(os.path.relpath(d, path).split(os.sep)) & set(skip_dirs))
         if not files:
-            raise ValueError(f"directory {path} holds no text files ({', '.join(TEXT_SUFFIXES)})")
+            raise ValueError(f"directory {path} holds no text files ({', '.join(suffixes)})")
     else:
         files = [path]
     for file in files:
@@ -621,6 +623,63 @@ class StatsArgs:
     input: str = ""  # a text file or directory to measure on
 
 
+@dataclasses.dataclass
+class BenchArgs:
+    input: str = ""  # text file or directory; empty = the .py files of this Python's standard library
+    vocab_size: int = 8192  # vocabulary to train
+    repeat: int = 3  # timed runs of each trainer, interleaved; the median is reported
+    threads: int = 0  # processes/threads for both trainers; 0 = all cores
+
+
+def bench_training(args: BenchArgs) -> None:
+    """Time Tokenizer.train against Hugging Face tokenizers' BpeTrainer (Rust), if installed, on
+    the same texts, split regex and byte alphabet, runs interleaved so machine load hits both."""
+    threads = args.threads or os.cpu_count() or 1
+    os.environ["RAYON_NUM_THREADS"] = str(threads)  # must be set before tokenizers is imported
+    if args.input:
+        texts = list(read_texts(args.input))
+    else:
+        import sysconfig  # the default corpus of prepare.py: the standard library, not site-packages
+        texts = list(read_texts(sysconfig.get_paths()["stdlib"], suffixes=(".py",), skip_dirs=("site-packages",)))
+    mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
+    print(f"{len(texts)} documents, {mb:.1f} MB, vocab {args.vocab_size}, {threads} processes/threads")
+    try:
+        import tokenizers as hf
+    except ImportError:
+        hf = None
+        print("(pip install tokenizers to compare against Hugging Face's Rust trainer)")
+
+    def ours():
+        Tokenizer.train(texts, args.vocab_size, num_proc=threads)
+
+    def theirs():
+        tok = hf.Tokenizer(hf.models.BPE())
+        tok.pre_tokenizer = hf.pre_tokenizers.Sequence([
+            hf.pre_tokenizers.Split(hf.Regex(GPT4_PATTERN), behavior="isolated"),
+            hf.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        trainer = hf.trainers.BpeTrainer(vocab_size=args.vocab_size, show_progress=False,
+                                         initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet(),
+                                         special_tokens=SPECIAL_TOKENS)
+        tok.train_from_iterator(texts, trainer=trainer)
+
+    times = {"tokenizer.py": [], "HF tokenizers": []}
+    for _ in range(args.repeat):
+        for name, fn in (("tokenizer.py", ours), ("HF tokenizers", theirs)):
+            if name == "HF tokenizers" and hf is None:
+                continue
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    import resource
+    for name, ts in times.items():
+        if ts:
+            print(f"{name:>14}: median {sorted(ts)[len(ts) // 2]:.2f}s over {len(ts)} runs ({', '.join(f'{t:.2f}' for t in ts)})")
+    if times["HF tokenizers"]:
+        ratio = sorted(times["tokenizer.py"])[args.repeat // 2] / sorted(times["HF tokenizers"])[args.repeat // 2]
+        print(f"tokenizer.py / HF time ratio: {ratio:.2f}")
+    print(f"peak memory of this process (both trainers): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+
 def _open_tokenizer(spec: str) -> Tokenizer:
     if spec in ("gpt2", "cl100k_base", "o200k_base") and not os.path.exists(spec):
         return Tokenizer.from_tiktoken(spec)
@@ -628,7 +687,7 @@ def _open_tokenizer(spec: str) -> Tokenizer:
 
 
 def main(argv: list) -> None:
-    commands = ("train", "encode", "stats")
+    commands = ("train", "encode", "stats", "bench")
     if not argv or argv[0] not in commands:
         if argv and argv[0] in ("-h", "--help"):
             print(__doc__)
@@ -657,6 +716,8 @@ def main(argv: list) -> None:
         for i in ids:
             print(f"{i:>7}  {tok.decode_bytes([i])!r}")
         print(f"{len(ids)} tokens")
+    elif command == "bench":
+        bench_training(parse_config(BenchArgs, rest))
     else:
         args = parse_config(StatsArgs, rest)
         tok = _open_tokenizer(args.tokenizer)
