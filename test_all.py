@@ -131,6 +131,21 @@ def test_tokenizer_training_is_deterministic_and_order_independent():
     assert a.ranks == b.ranks
 
 
+def test_tokenizer_ascii_fast_split_equals_unicode_regex():
+    # The re-based ASCII patterns used in training must cut every ASCII text exactly like the
+    # regex-module originals (which tiktoken also uses), control characters and all.
+    import re
+    import regex
+    rng = random.Random(7)
+    alphabet = "aZs'tmdlvrEDLLVE09 \t\n\r\x0b\x0c\x1c\x1d\x85_!.:(){}#@" + "".join(map(chr, range(128)))
+    for pattern in (tokenizer.GPT2_PATTERN, tokenizer.GPT4_PATTERN):
+        fast, ref = re.compile(tokenizer.ASCII_PATTERNS[pattern]), regex.compile(pattern)
+        for _ in range(3000):
+            s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 25)))
+            if s.isascii():
+                assert fast.findall(s) == ref.findall(s), repr(s)
+
+
 def test_tokenizer_parallel_count_equals_serial():
     docs = [f"doc {i} " + "word " * (i % 50) + "\n" * (i % 3) for i in range(3000)] * 6  # ~2.7 MB: 3 batches
     serial, n1 = tokenizer.count_chunks(docs, tokenizer.GPT4_PATTERN, num_proc=1)
