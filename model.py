@@ -1,0 +1,852 @@
+"""
+model.py: the whole GPT in one file.
+
+One decoder-only transformer that covers two families through its config:
+  GPT-2 style:  LayerNorm, GELU MLP, learned position embeddings, biases, tied head
+  Llama style:  RMSNorm, SwiGLU MLP, rotary position embeddings (RoPE), grouped-query
+                attention (GQA), no biases, tied or untied head
+plus a preallocated KV cache for generation, the FLOP and MFU accounting that train.py
+and bench.py report, and import/export of Hugging Face checkpoints (GPT2LMHeadModel,
+LlamaForCausalLM), so weights come in from and go out to the wider ecosystem.
+
+Run:
+  python model.py                  # sizing table: parameters and FLOPs/token of every preset
+  python -c "import model; m = model.GPT(model.GPTConfig(**model.PRESETS['cpu-1m']))"
+
+Use:
+  from model import GPTConfig, GPT, PRESETS, KVCache, sample_logits, peak_flops
+  model = GPT(GPTConfig(**PRESETS["gpt2"]))
+  logits, loss = model(idx, targets)                    # idx, targets: (B, T) LongTensor
+  out = model.generate(idx, max_new_tokens=50, temperature=0.8, top_k=50)
+  model = GPT.from_pretrained("path/to/hf_dir"); model.save_hf("out/hf")
+
+Imports only torch (safetensors lazily, when a checkpoint uses it), so it can be copied
+alone into another project.
+
+Sources (facts and formulas, not code):
+  GPT-2: Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"
+  Attention: Vaswani et al. 2017, "Attention Is All You Need"
+  RoPE: Su et al. 2021, "RoFormer" (rotate-half layout as in Hugging Face's Llama)
+  RMSNorm: Zhang & Sennrich 2019; SwiGLU: Shazeer 2020, "GLU Variants Improve Transformer"
+  GQA: Ainslie et al. 2023; MQA: Shazeer 2019, "Fast Transformer Decoding"
+  Llama: Touvron et al. 2023; FLOPs: PaLM (Chowdhery et al. 2022) appendix B
+  nanoGPT and llm.c (Karpathy) for the GPT-2 layout and parameter names;
+  gpt-fast (PyTorch) for the KV-cache shape and meta-device loading.
+"""
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# SDPA learned to broadcast key/value heads itself (enable_gqa=True) in torch 2.5.
+_TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+_SDPA_HAS_GQA = _TORCH_VERSION >= (2, 5)
+
+# ----------------------------------------------------------------------------------------
+# Configuration
+
+_LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304  # token ids 0..V-1; 50257 for GPT-2, padded to a multiple of 64 for speed
+    block_size: int = 1024  # longest context in tokens (size of wpe / of the RoPE tables)
+    n_layer: int = 12  # number of transformer blocks
+    n_head: int = 12  # query heads; head size hs = n_embd // n_head
+    n_kv_head: int = 0  # key/value heads; 0 means n_head (plain multi-head), 1 is multi-query
+    n_embd: int = 768  # residual stream width C
+    norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (Llama)
+    mlp: str = "gelu"  # "gelu": C -> 4C -> C; "swiglu": C -> mlp_hidden (x2, gate and up) -> C
+    mlp_hidden: int = 0  # MLP hidden size; 0 means the rule in mlp_hidden_size()
+    pos: str = "learned"  # "learned" absolute embeddings (GPT-2) or "rope" rotary (Llama)
+    rope_theta: float = 10000.0  # RoPE base; Llama 3 uses 500000
+    rope_scaling: dict | None = None  # Llama 3.1+ "llama3" RoPE scaling: {factor, low_freq_factor,
+    #   high_freq_factor, original_max_position_embeddings}, as in its config.json; None = plain RoPE
+    bias: bool = True  # biases in linears and LayerNorms (GPT-2: True; Llama: False)
+    dropout: float = 0.0  # dropout on embeddings, attention probabilities and residual branches
+    tie_embeddings: bool = True  # lm_head shares its weight with the token embedding wte
+    norm_eps: float = 1e-5  # epsilon in LayerNorm / RMSNorm
+
+    def __post_init__(self):
+        if self.n_kv_head == 0:
+            self.n_kv_head = self.n_head  # resolved here so asdict() round-trips
+        problems = []
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            problems.append(f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
+        if self.mlp not in ("gelu", "swiglu"):
+            problems.append(f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}")
+        if self.pos not in ("learned", "rope"):
+            problems.append(f"pos must be 'learned' or 'rope', got {self.pos!r}")
+        if not problems and self.n_embd % self.n_head:
+            problems.append(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if not problems and self.n_head % self.n_kv_head:
+            problems.append(f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}")
+        if not problems and self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+            problems.append(f"RoPE needs an even head size, got n_embd/n_head={self.n_embd // self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.rope_scaling is not None and set(self.rope_scaling) != set(_LLAMA3_SCALING_KEYS):
+            problems.append(f"rope_scaling needs exactly the keys {', '.join(_LLAMA3_SCALING_KEYS)}")
+        if self.mlp_hidden < 0 or self.rope_theta <= 0 or self.norm_eps <= 0:
+            problems.append("mlp_hidden must be >= 0 and rope_theta, norm_eps must be > 0")
+        if problems:
+            raise ValueError(f"invalid GPTConfig: {'; '.join(problems)}; fix these fields.")
+
+
+def mlp_hidden_size(cfg: GPTConfig) -> int:
+    """GELU: 4C (GPT-2). SwiGLU: 8C/3 rounded up to a multiple of 64, so its three matrices
+    hold the same 8C^2 parameters as GELU's two (Shazeer 2020; Llama rounds to 256).
+    Example: C=768 -> gelu 3072, swiglu 2048."""
+    if cfg.mlp_hidden:
+        return cfg.mlp_hidden
+    if cfg.mlp == "gelu":
+        return 4 * cfg.n_embd
+    return 64 * math.ceil(8 * cfg.n_embd / 3 / 64)
+
+
+_GPT2 = dict(vocab_size=50257, block_size=1024, norm="layernorm", mlp="gelu", pos="learned",
+             bias=True, tie_embeddings=True, norm_eps=1e-5)
+_LLAMA = dict(vocab_size=50304, block_size=2048, norm="rmsnorm", mlp="swiglu", pos="rope",
+              bias=False, tie_embeddings=False, norm_eps=1e-5, rope_theta=10000.0)
+PRESETS = {  # name -> GPTConfig kwargs; `python model.py` prints their sizes
+    # GPT-2 family (Radford et al. 2019); gpt2 is the 124M model, exactly 124,439,808 parameters
+    "gpt2": dict(_GPT2, n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(_GPT2, n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(_GPT2, n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(_GPT2, n_layer=48, n_head=25, n_embd=1600),
+    # a small modern Llama-style family: RMSNorm, SwiGLU, RoPE, GQA with 4 query heads per kv head
+    "llama-small": dict(_LLAMA, n_layer=12, n_head=12, n_kv_head=4, n_embd=768),
+    "llama-medium": dict(_LLAMA, n_layer=24, n_head=16, n_kv_head=4, n_embd=1024),
+    "llama-large": dict(_LLAMA, n_layer=24, n_head=16, n_kv_head=4, n_embd=2048),
+    # tiny CPU presets (Llama style, tied head); train.py replaces vocab_size with the tokenizer's
+    "cpu-1m": dict(_LLAMA, vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_kv_head=2,
+                   n_embd=128, tie_embeddings=True),
+    "cpu-10m": dict(_LLAMA, vocab_size=4096, block_size=256, n_layer=6, n_head=6, n_kv_head=2,
+                    n_embd=384, tie_embeddings=True),
+}
+
+# ----------------------------------------------------------------------------------------
+# Building blocks: norms, rotary embeddings, attention, MLP
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight (Zhang & Sennrich 2019): LayerNorm without the
+    mean subtraction and bias. Computed in fp32 and cast back, as Hugging Face's Llama does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)  # (B, T, C)
+        return self.weight * xf.to(x.dtype)
+
+
+def make_norm(cfg: GPTConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.n_embd, cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_tables(block_size: int, head_size: int, theta: float, scaling: dict | None = None, device=None):
+    """cos, sin tables of shape (block_size, hs) for RoPE (Su et al. 2021, eq. 34).
+    Pair i of a head rotates at frequency theta^(-2i/hs); Hugging Face's Llama pairs
+    dimension i with i + hs/2 (the "rotate half" layout), so we repeat the frequencies."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2, device=device, dtype=torch.float32) / head_size)
+    if scaling:  # Llama 3.1: waves longer than the original context slow down by `factor`,
+        # waves shorter than original/high_freq_factor stay, and those between blend linearly
+        old = scaling["original_max_position_embeddings"]
+        lo, hi = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        keep = ((old / wavelen - lo) / (hi - lo)).clamp(0, 1)  # 1: unchanged, 0: divided by factor
+        inv_freq = (1 - keep) * inv_freq / scaling["factor"] + keep * inv_freq
+    angles = torch.outer(torch.arange(block_size, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # (block_size, hs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each (x_i, x_{i+hs/2}) pair of x (B, n, T, hs) by its position's angle;
+    cos, sin are (T, hs) or (B, 1, T, hs) when every row has its own positions."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)  # (B, n, T, hs/2) each
+    rotated = torch.cat([-x2, x1], dim=-1)  # (B, n, T, hs)
+    return x * cos + rotated * sin
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head attention with nh query heads sharing nkv key/value heads (GQA; nkv == nh
+    is plain multi-head, nkv == 1 multi-query). One fused projection c_attn makes q, k, v."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head
+        self.head_size = cfg.n_embd // cfg.n_head
+        qkv_out = (cfg.n_head + 2 * cfg.n_kv_head) * self.head_size
+        self.c_attn = nn.Linear(cfg.n_embd, qkv_out, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)  # residual projection
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.manual = False  # True: the explicit softmax(QK^T/sqrt(hs))V below, for teaching
+
+    def forward(self, x, cos=None, sin=None, kv_cache=None, layer=0, start_pos=0, mask=None):
+        B, T, C = x.shape
+        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_size
+        q, k, v = self.c_attn(x).split([nh * hs, nkv * hs, nkv * hs], dim=-1)
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if cos is not None:  # RoPE rotates queries and keys, never values
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:  # append this chunk, attend over everything cached so far
+            k, v = kv_cache.update(layer, start_pos, k, v)  # (B, nkv, S, hs), S = start_pos + T
+        S = k.size(2)
+        drop = self.dropout if self.training else 0.0
+        if self.manual:
+            # subtle: the slow path materializes the repeated heads: query head j reads kv head j // (nh/nkv)
+            k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, S, hs)
+            v = v.repeat_interleave(nh // nkv, dim=1)  # (B, nh, S, hs)
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, S), Vaswani et al. eq. 1
+            if mask is None:  # query i sits at absolute position S - T + i and sees keys up to it
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            att = att.masked_fill(~mask, float("-inf"))
+            att = F.dropout(F.softmax(att, dim=-1), p=drop)
+            y = att @ v  # (B, nh, T, hs)
+        else:
+            # Flash / memory-efficient kernels where available. Without a mask the only cases
+            # are a full causal square (T == S) and a single decoding query that sees all keys.
+            kwargs = {}
+            if nkv != nh:
+                if _SDPA_HAS_GQA:
+                    kwargs["enable_gqa"] = True  # broadcast kv heads inside the kernel
+                else:
+                    k = k.repeat_interleave(nh // nkv, dim=1)
+                    v = v.repeat_interleave(nh // nkv, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop,
+                                               is_causal=mask is None and T > 1, **kwargs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """GELU (GPT-2): c_proj(gelu(c_fc(x))). SwiGLU (Llama): c_proj(silu(c_gate(x)) * c_fc(x))."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        hidden = mlp_hidden_size(cfg)
+        self.c_fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)  # "up" projection
+        self.c_gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias) if cfg.mlp == "swiglu" else None
+        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)  # "down", a residual projection
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        if self.c_gate is None:
+            h = F.gelu(self.c_fc(x), approximate="tanh")  # (B, T, 4C); GPT-2 used the tanh form
+        else:
+            h = F.silu(self.c_gate(x)) * self.c_fc(x)  # (B, T, hidden)
+        return self.dropout(self.c_proj(h))  # (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block (GPT-2 section 2.3): x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos=None, sin=None, kv_cache=None, layer=0, start_pos=0, mask=None):
+        x = x + self.attn(self.ln_1(x), cos, sin, kv_cache, layer, start_pos, mask)  # (B, T, C)
+        return x + self.mlp(self.ln_2(x))  # (B, T, C)
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, (n_layer, B, nkv, max_len, hs) each, so
+    decoding a token costs O(T) attention instead of recomputing the whole prefix."""
+
+    def __init__(self, n_layer, batch_size, n_kv_head, max_len, head_size, device=None, dtype=None):
+        shape = (n_layer, batch_size, n_kv_head, max_len, head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+
+    def update(self, layer: int, start_pos: int, k, v):
+        """Write k, v (B, nkv, T, hs) at positions start_pos..start_pos+T-1; return the
+        keys and values of positions 0..start_pos+T-1, (B, nkv, start_pos + T, hs)."""
+        end = start_pos + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions but {end} were asked for; "
+                             "allocate a longer cache with model.new_kv_cache(batch_size, max_len).")
+        self.k[layer, :, :, start_pos:end] = k
+        self.v[layer, :, :, start_pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+# ----------------------------------------------------------------------------------------
+# Sampling: from the last position's logits to the next token
+
+
+def sample_logits(logits, temperature: float = 1.0, top_k=None, top_p=None, generator=None):
+    """Draw one id per row from logits (B, V) -> LongTensor (B, 1).
+    temperature 0 is greedy (argmax); otherwise softmax(logits / temperature), restricted to
+    the top_k most likely ids and then to the smallest set whose probability reaches top_p
+    (nucleus sampling, Holtzman et al. 2019). Example: probs [.5, .3, .15, .05], top_p=0.8
+    keeps ids 0 and 1 and samples them with probabilities .625 and .375."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+        raise ValueError(f"need temperature >= 0, top_k >= 1 and 0 < top_p <= 1; got "
+                         f"temperature={temperature}, top_k={top_k}, top_p={top_p}.")
+    logits = logits.float() / temperature  # (B, V)
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        probs = F.softmax(sorted_logits, dim=-1)
+        # drop an id when the ids ranked above it already reach top_p (the first always stays)
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = F.softmax(logits, dim=-1)  # (B, V)
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+
+
+# ----------------------------------------------------------------------------------------
+# The model
+
+
+class GPT(nn.Module):
+    """Token ids (B, T) -> embeddings -> n_layer Blocks -> final norm -> logits (B, T, V)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = cfg = config
+        # subtle: _weight=empty skips nn.Embedding's own normal_ init; _init_weights below does it,
+        # and on the meta device (from_pretrained) normal_ would first import torch._dynamo (slow).
+        emb = lambda n: nn.Embedding(n, cfg.n_embd, _weight=torch.empty(n, cfg.n_embd))
+        self.transformer = nn.ModuleDict(dict(
+            wte=emb(cfg.vocab_size),  # token embeddings
+            wpe=emb(cfg.block_size) if cfg.pos == "learned" else None,  # learned position embeddings
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
+            ln_f=make_norm(cfg),
+        ))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:  # Press & Wolf 2017; GPT-2 ties, Llama 2/3 do not
+            self.lm_head.weight = self.transformer.wte.weight
+        self._set_rope_tables()
+        self.grad_checkpoint = False  # True: keep only block inputs, redo each block's forward in backward
+        if self.lm_head.weight.is_meta:
+            return  # shapes only (from_pretrained, sizing): the weights come from elsewhere
+        self.apply(self._init_weights)
+        # GPT-2 section 2.3: scale the init of residual projections by 1/sqrt(N), N = 2 * n_layer
+        # residual branches (one attention, one MLP per block), so the stream's variance stays ~1.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)  # GPT-2's initializer_range
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def _set_rope_tables(self, device=None):
+        # Non-persistent buffers: derived from the config, so not in state_dict / checkpoints.
+        cos = sin = None
+        if self.config.pos == "rope":
+            hs = self.config.n_embd // self.config.n_head
+            cos, sin = rope_tables(self.config.block_size, hs, self.config.rope_theta,
+                                   self.config.rope_scaling, device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @property
+    def manual_attention(self) -> bool:
+        """True routes every layer through the explicit softmax(QK^T/sqrt(hs))V path."""
+        return self.transformer.h[0].attn.manual
+
+    @manual_attention.setter
+    def manual_attention(self, value: bool):
+        for block in self.transformer.h:
+            block.attn.manual = bool(value)
+
+    def forward(self, idx, targets=None, kv_cache=None, start_pos: int = 0, left_pad=None):
+        """idx (B, T) token ids at positions start_pos..start_pos+T-1.
+        targets (B, T): returns logits (B, T, V) and the mean cross-entropy over targets != -100
+        (finetune.py masks prompts with -100); without targets: logits (B, 1, V) of the last
+        position only, and loss None. kv_cache: a KVCache that receives this chunk's keys and
+        values. left_pad (B,): rows are left-padded by this many tokens; the pads are never
+        attended to and real tokens are numbered from 0 (used by generate)."""
+        B, T = idx.shape
+        cfg = self.config
+        if start_pos + T > cfg.block_size:
+            raise ValueError(f"sequence of {start_pos + T} tokens is longer than block_size="
+                             f"{cfg.block_size}; crop the input or use a config with a larger block_size.")
+        positions = torch.arange(start_pos, start_pos + T, device=idx.device)  # (T,)
+        if left_pad is not None:
+            positions = (positions[None, :] - left_pad[:, None]).clamp(min=0)  # (B, T)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.transformer.wpe is not None:
+            x = x + self.transformer.wpe(positions)  # (B, T, C), broadcasts over B if (T,)
+        x = self.transformer.drop(x)
+        cos = sin = None
+        if self.rope_cos is not None and left_pad is None:
+            cos = self.rope_cos[start_pos:start_pos + T]  # (T, hs)
+            sin = self.rope_sin[start_pos:start_pos + T]
+        elif self.rope_cos is not None:  # every row has its own positions
+            cos = self.rope_cos[positions].unsqueeze(1)  # (B, 1, T, hs)
+            sin = self.rope_sin[positions].unsqueeze(1)
+        mask = self._attention_mask(T, start_pos, left_pad, idx.device)
+        use_ckpt = self.grad_checkpoint and self.training and torch.is_grad_enabled() and kv_cache is None
+        for layer, block in enumerate(self.transformer.h):
+            if use_ckpt:  # keep only block inputs; recompute the inside during backward
+                x = checkpoint(block, x, cos, sin, None, layer, start_pos, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, kv_cache, layer, start_pos, mask)
+        x = self.transformer.ln_f(x)  # (B, T, C)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None  # (B, 1, V): generation needs only the last
+        logits = self.lm_head(x)  # (B, T, V)
+        # subtle: sum / count instead of reduction="mean", so a batch whose targets are all -100
+        # gives loss 0 (and zero gradients) rather than NaN.
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-100, reduction="sum")
+        return logits, loss / (targets != -100).sum().clamp(min=1)
+
+    @staticmethod
+    def _attention_mask(T, start_pos, left_pad, device):
+        """None where SDPA's own is_causal is right (a full square from position 0, or one
+        query), else a boolean (B or 1, 1, T, S) mask, True where a query may attend."""
+        S = start_pos + T
+        if left_pad is None and (start_pos == 0 or T == 1):
+            return None
+        q_pos = torch.arange(start_pos, S, device=device)[:, None]  # (T, 1) absolute columns
+        k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+        mask = k_pos <= q_pos  # (T, S) causal
+        if left_pad is not None:
+            real = k_pos >= left_pad[:, None, None]  # (B, 1, S): pad columns are never keys
+            # subtle: a pad query would see no key at all and softmax would give NaN; let it
+            # see itself. Its output is garbage that no real token ever reads.
+            mask = (mask & real) | (k_pos == q_pos)  # (B, T, S)
+            return mask[:, None]  # (B, 1, T, S)
+        return mask[None, None]  # (1, 1, T, S)
+
+    def new_kv_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
+        p = self.lm_head.weight
+        hs = self.config.n_embd // self.config.n_head
+        return KVCache(self.config.n_layer, batch_size, self.config.n_kv_head, max_len, hs,
+                       device=p.device, dtype=dtype or p.dtype)
+
+    # ------------------------------------------------------------------------------------
+    # Generation
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None, top_p=None,
+                 eos_id=None, use_cache: bool = True, generator=None, vocab_limit=None, prompt_lens=None):
+        """Continue idx (B, T) by up to max_new_tokens tokens; returns (B, T + new).
+        eos_id (int or list): a row that samples one stops and repeats that id in its later
+        columns; generation ends early once every row has stopped.
+        vocab_limit: ids >= vocab_limit are never sampled. prompt_lens (B,): rows are
+        LEFT-padded prompts of these lengths; each row yields what it would alone.
+        With use_cache, the prompt is prefilled into a KV cache and then one token is fed per
+        step, when the whole output fits in block_size; otherwise (or use_cache=False) each
+        step reruns the last block_size tokens (a sliding window)."""
+        B, T = idx.shape
+        cfg = self.config
+        left_pad = None
+        if prompt_lens is not None:
+            lens = torch.as_tensor(prompt_lens, dtype=torch.long, device=idx.device).view(-1)
+            if lens.numel() != B or bool((lens < 1).any()) or bool((lens > T).any()):
+                raise ValueError(f"prompt_lens must hold {B} lengths between 1 and {T} (the padded "
+                                 f"prompt width); got {lens.tolist()}.")
+            left_pad = T - lens  # (B,)
+        eos = None
+        if eos_id is not None:
+            eos = torch.as_tensor([eos_id] if isinstance(eos_id, int) else list(eos_id),
+                                  dtype=torch.long, device=idx.device)
+        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        cache = None
+        if use_cache and T + max_new_tokens <= cfg.block_size:
+            cache = self.new_kv_cache(B, T + max_new_tokens)
+        was_training = self.training
+        self.eval()  # no dropout while sampling
+        try:
+            done = 0  # columns of idx already in the cache
+            for _ in range(max_new_tokens):
+                if cache is not None:
+                    logits, _ = self(idx[:, done:], kv_cache=cache, start_pos=done, left_pad=left_pad)
+                    done = idx.size(1)
+                else:
+                    crop = max(0, idx.size(1) - cfg.block_size)
+                    pad = None if left_pad is None else (left_pad - crop).clamp(min=0)
+                    logits, _ = self(idx[:, crop:], left_pad=pad)
+                logits = logits[:, -1, :].float()  # (B, V)
+                if vocab_limit is not None:  # train.py pads V to a multiple of 64; never emit those
+                    logits[:, vocab_limit:] = float("-inf")
+                nxt = sample_logits(logits, temperature, top_k, top_p, generator)  # (B, 1)
+                if eos is not None:
+                    nxt = torch.where(finished[:, None], idx[:, -1:], nxt)  # finished: repeat its eos
+                    finished |= torch.isin(nxt[:, 0], eos)
+                idx = torch.cat([idx, nxt], dim=1)  # (B, T + step + 1)
+                if eos is not None and bool(finished.all()):
+                    break
+        finally:
+            self.train(was_training)
+        return idx
+
+    # ------------------------------------------------------------------------------------
+    # Accounting: parameters, FLOPs, MFU, optimizer groups
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count, each shared tensor once. non_embedding=True leaves out the lookup
+        tables that do no matmul: wpe, and wte when untied (a tied wte is counted once, as the
+        lm_head matrix). That is the N in the 6N FLOPs rule. gpt2: 124,439,808 with everything,
+        123,653,376 without wpe."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            if self.transformer.wpe is not None:
+                n -= self.transformer.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.transformer.wte.weight.numel()
+        return n
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token for a full block_size context (PaLM appendix B):
+        6N (forward 2N + backward 4N, N the non-embedding parameters) plus attention's
+        QK^T and AV matmuls, 12 * n_layer * n_head * hs * T. Causal masking would skip about half
+        of that, but like PaLM we count it all."""
+        cfg = self.config
+        hs = cfg.n_embd // cfg.n_head
+        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_head * hs * cfg.block_size
+
+    def estimate_mfu(self, tokens_per_sec: float, device) -> float | None:
+        """Model FLOPs utilization: achieved FLOP/s over the device's peak dense bf16 FLOP/s
+        (PaLM, Chowdhery et al. 2022, section 4.1); None when the peak is unknown."""
+        peak = peak_flops(device)
+        return None if peak is None else self.flops_per_token() * tokens_per_sec / peak
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: decay every matrix (linears and the embeddings; a tied wte is also the
+        output matrix, so it decays like one), never norms or biases (1-D). Each parameter is
+        in exactly one group."""
+        params = dict(self.named_parameters())  # shared tensors appear once
+        decay = [p for p in params.values() if p.dim() >= 2]
+        no_decay = [p for p in params.values() if p.dim() < 2]
+        assert len(decay) + len(no_decay) == len({id(p) for p in self.parameters()})
+        return [{"params": decay, "weight_decay": weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    # ------------------------------------------------------------------------------------
+    # Hugging Face checkpoints in and out
+
+    @classmethod
+    def from_pretrained(cls, hf_dir: str, dtype=torch.float32, block_size: int | None = None) -> "GPT":
+        """Load a local Hugging Face GPT2LMHeadModel or LlamaForCausalLM directory (config.json
+        plus model.safetensors or pytorch_model.bin, or their sharded *.index.json form), in
+        eval mode. block_size optionally shortens the context (smaller RoPE tables / wpe)."""
+        cfg = config_from_hf(_read_json(os.path.join(hf_dir, "config.json")), hf_dir)
+        if block_size is not None and block_size > cfg.block_size and cfg.pos == "learned":
+            raise ValueError(f"{hf_dir}: block_size={block_size} exceeds the checkpoint's {cfg.block_size} "
+                             "learned positions; pass a block_size no larger than that.")
+        if block_size is not None:
+            cfg = GPTConfig(**{**asdict(cfg), "block_size": block_size})
+        hf_sd = _load_hf_weights(hf_dir)
+        if "wte.weight" in hf_sd:  # OpenAI's gpt2 checkpoints were saved without the prefix
+            hf_sd = {k if k.startswith("lm_head") else "transformer." + k: v for k, v in hf_sd.items()}
+        with torch.device("meta"):
+            model = cls(cfg)  # shapes only: no memory and no init work, the weights arrive next
+        sd = {}
+        for ours, names, transpose in _hf_layout(cfg):
+            missing = [n for n in names if n not in hf_sd]
+            if missing:
+                raise ValueError(f"{hf_dir}: the weights lack {missing[0]!r}, which its config.json "
+                                 "implies; the checkpoint and config do not belong together.")
+            # pop: each loaded tensor is released as soon as its converted copy exists
+            t = torch.cat([hf_sd.pop(n) for n in names]) if len(names) > 1 else hf_sd.pop(names[0])
+            if block_size is not None and ours == "transformer.wpe.weight":
+                t = t[:block_size]
+            sd[ours] = (t.t() if transpose else t).to(dtype).contiguous()
+        if cfg.tie_embeddings:
+            sd["lm_head.weight"] = sd["transformer.wte.weight"]
+        model.load_state_dict(sd, strict=True, assign=True)
+        if cfg.tie_embeddings:  # subtle: assign=True put two separate Parameters in; share one again
+            model.lm_head.weight = model.transformer.wte.weight
+        model._set_rope_tables()  # the tables built on the meta device hold no values
+        return model.eval()
+
+    def save_hf(self, out_dir: str, extra_config: dict | None = None) -> None:
+        """Write out_dir/config.json and model.safetensors (pytorch_model.bin when the
+        safetensors package is missing) that transformers' AutoModelForCausalLM loads as
+        GPT2LMHeadModel (GPT-2 style) or LlamaForCausalLM (Llama style). extra_config adds
+        keys to config.json, e.g. {"eos_token_id": 0}."""
+        hf_cfg = {**config_to_hf(self.config, self.lm_head.weight.dtype), **(extra_config or {})}
+        sd = self.state_dict()
+        hf_sd = {}
+        for ours, names, transpose in _hf_layout(self.config):
+            t = sd[ours].detach().cpu()
+            t = t.t() if transpose else t
+            parts = t.split(_qkv_sizes(self.config)) if len(names) > 1 else [t]
+            for name, part in zip(names, parts):
+                # subtle: safetensors refuses tensors that share memory (q/k/v are views of one)
+                hf_sd[name] = part.clone(memory_format=torch.contiguous_format)
+        os.makedirs(out_dir, exist_ok=True)
+        _write_atomic(os.path.join(out_dir, "config.json"), lambda p: _write_json(p, hf_cfg))
+        try:
+            from safetensors.torch import save_file
+            name, stale = "model.safetensors", "pytorch_model.bin"
+            _write_atomic(os.path.join(out_dir, name), lambda p: save_file(hf_sd, p, {"format": "pt"}))
+        except ImportError:  # a plain dict of tensors, which torch.load(weights_only=True) reads
+            name, stale = "pytorch_model.bin", "model.safetensors"
+            _write_atomic(os.path.join(out_dir, name), lambda p: torch.save(hf_sd, p))
+        if os.path.exists(os.path.join(out_dir, stale)):  # transformers would prefer a stale safetensors
+            os.remove(os.path.join(out_dir, stale))
+
+
+# ----------------------------------------------------------------------------------------
+# Peak FLOP/s per GPU, for MFU
+
+# Peak dense (no sparsity) bf16 tensor-core FLOP/s, from NVIDIA's datasheets and whitepapers.
+# Matched as a substring of torch.cuda.get_device_name(); first match wins, so the more
+# specific names come first. A GPU that is not listed gets None, never a guess.
+PEAK_BF16_FLOPS = [
+    ("H200", 989e12),  # H200 SXM (GH200 too): same compute as H100 SXM
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # H100 SXM5, reported as "NVIDIA H100 80GB HBM3"
+    ("B200", 2250e12),
+    ("A100", 312e12),  # SXM and PCIe alike
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("RTX 4090", 165e12),  # Ada whitepaper: 165.2 with fp32 accumulate
+    ("RTX 3090", 71e12),  # Ampere GA102 whitepaper, fp32 accumulate
+]
+
+
+def peak_flops(device) -> float | None:
+    """Peak dense bf16 FLOP/s of a CUDA device (torch.device, "cuda:0", or a GPU name such as
+    "NVIDIA H100 PCIe"); None for CPU, MPS or a GPU missing from PEAK_BF16_FLOPS."""
+    name = None
+    if isinstance(device, str):
+        try:
+            device = torch.device(device)
+        except RuntimeError:
+            name = device  # not a device string: treat it as a GPU model name
+    if name is None:
+        if device.type != "cuda" or not torch.cuda.is_available():
+            return None  # subtle: never touch CUDA APIs on a machine without CUDA
+        name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_BF16_FLOPS:
+        if key.lower() in name.lower():
+            return flops
+    return None
+
+
+# ----------------------------------------------------------------------------------------
+# Hugging Face names, configs and files
+
+
+def _hf_family(cfg: GPTConfig) -> str:
+    parts = (cfg.norm, cfg.mlp, cfg.pos)
+    if parts == ("layernorm", "gelu", "learned") and cfg.bias and cfg.n_kv_head == cfg.n_head:
+        return "gpt2"
+    if parts == ("rmsnorm", "swiglu", "rope"):
+        return "llama"
+    raise ValueError(f"Hugging Face export needs a GPT-2 style config (layernorm, gelu, learned, bias=True, "
+                     f"n_kv_head == n_head) or a Llama style one (rmsnorm, swiglu, rope); this one has "
+                     f"norm={cfg.norm}, mlp={cfg.mlp}, pos={cfg.pos}, bias={cfg.bias}, "
+                     f"n_kv_head={cfg.n_kv_head}.")
+
+
+def _qkv_sizes(cfg: GPTConfig) -> list[int]:
+    hs = cfg.n_embd // cfg.n_head
+    return [cfg.n_head * hs, cfg.n_kv_head * hs, cfg.n_kv_head * hs]
+
+
+def _hf_layout(cfg: GPTConfig) -> list[tuple[str, list[str], bool]]:
+    """(our name, Hugging Face names, transpose?) for every tensor. Several HF names are
+    concatenated along dim 0 into ours (Llama's q_proj, k_proj, v_proj -> c_attn). GPT-2's
+    checkpoints use Conv1D layers that store weights as (in, out): transpose those."""
+    if _hf_family(cfg) == "gpt2":  # our names are GPT-2's own
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        names = ["wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"]
+        for i in range(cfg.n_layer):
+            for part in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"):
+                names += [f"h.{i}.{part}.weight", f"h.{i}.{part}.bias"]
+        out = [(f"transformer.{n}", [f"transformer.{n}"], n.endswith(conv1d)) for n in names]
+    else:
+        out = [("transformer.wte.weight", ["model.embed_tokens.weight"], False),
+               ("transformer.ln_f.weight", ["model.norm.weight"], False)]
+        pairs = [("attn.c_attn", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+                 ("attn.c_proj", ["self_attn.o_proj"]), ("mlp.c_gate", ["mlp.gate_proj"]),
+                 ("mlp.c_fc", ["mlp.up_proj"]), ("mlp.c_proj", ["mlp.down_proj"])]
+        for i in range(cfg.n_layer):
+            ours, hf = f"transformer.h.{i}.", f"model.layers.{i}."
+            out.append((ours + "ln_1.weight", [hf + "input_layernorm.weight"], False))
+            out.append((ours + "ln_2.weight", [hf + "post_attention_layernorm.weight"], False))
+            for suffix in ("weight", "bias") if cfg.bias else ("weight",):
+                out += [(f"{ours}{o}.{suffix}", [f"{hf}{n}.{suffix}" for n in names], False)
+                        for o, names in pairs]
+    if not cfg.tie_embeddings:
+        out.append(("lm_head.weight", ["lm_head.weight"], False))
+    return out
+
+
+def config_from_hf(hf: dict, where: str = "config.json") -> GPTConfig:
+    """GPTConfig from a Hugging Face config.json dict (model_type "gpt2" or "llama")."""
+    try:
+        return _config_from_hf(hf, where)
+    except KeyError as e:
+        raise ValueError(f"{where}: config.json lacks the key {e}; it is not a complete "
+                         "GPT-2 or Llama config.") from None
+
+
+def _config_from_hf(hf: dict, where: str) -> GPTConfig:
+    kind = hf.get("model_type")
+    if kind == "gpt2":
+        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"{where}: activation {hf['activation_function']!r} is not the tanh GELU "
+                             "that model.py uses; this checkpoint cannot be loaded.")
+        return GPTConfig(vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", 1024),
+                         n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                         mlp_hidden=hf.get("n_inner") or 0, norm="layernorm", mlp="gelu", pos="learned",
+                         bias=True, tie_embeddings=hf.get("tie_word_embeddings", True),
+                         norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+    if kind != "llama":
+        raise ValueError(f"{where}: model_type {kind!r} is not supported; model.py reads 'gpt2' and "
+                         "'llama' checkpoints.")
+    # transformers 5 keeps rope_theta in rope_parameters; 4.x had rope_theta and rope_scaling
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    scaling = {k: rope[k] for k in _LLAMA3_SCALING_KEYS if k in rope} if rope_type == "llama3" else None
+    n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
+    problems = [
+        (rope_type not in ("default", "llama3"), f"RoPE scaling {rope_type!r} is not implemented here"),
+        (scaling is not None and len(scaling) < 4,
+         f"llama3 RoPE scaling needs {', '.join(_LLAMA3_SCALING_KEYS)}"),
+        (hf.get("head_dim") not in (None, n_embd // n_head),
+         f"head_dim={hf.get('head_dim')} differs from hidden_size/num_attention_heads"),
+        (hf.get("hidden_act", "silu") != "silu", f"hidden_act={hf.get('hidden_act')!r} is not SwiGLU's silu"),
+        (hf.get("attention_bias", False) != hf.get("mlp_bias", False),
+         "attention_bias and mlp_bias differ, while model.py has one bias flag"),
+    ]
+    for bad, problem in problems:
+        if bad:
+            raise ValueError(f"{where}: {problem}; this checkpoint cannot be loaded.")
+    return GPTConfig(vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 2048),
+                     n_layer=hf["num_hidden_layers"], n_head=n_head,
+                     n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=n_embd,
+                     norm="rmsnorm", mlp="swiglu", mlp_hidden=hf["intermediate_size"], pos="rope",
+                     rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+                     rope_scaling=scaling, bias=hf.get("attention_bias", False),
+                     tie_embeddings=hf.get("tie_word_embeddings", False),
+                     norm_eps=hf.get("rms_norm_eps", 1e-6))
+
+
+def config_to_hf(cfg: GPTConfig, dtype=torch.float32) -> dict:
+    """A Hugging Face config.json dict for cfg (GPT2LMHeadModel or LlamaForCausalLM)."""
+    # bos/eos ids belong to the tokenizer, not the model: pass them in save_hf's extra_config
+    common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, bos_token_id=None,
+                  eos_token_id=None, torch_dtype=str(dtype).removeprefix("torch."))
+    if _hf_family(cfg) == "gpt2":
+        hidden = mlp_hidden_size(cfg)
+        return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", n_positions=cfg.block_size,
+                    n_ctx=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                    n_inner=None if hidden == 4 * cfg.n_embd else hidden, activation_function="gelu_new",
+                    layer_norm_epsilon=cfg.norm_eps, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
+                    attn_pdrop=cfg.dropout, **common)
+    scaling = {"rope_type": "llama3", **cfg.rope_scaling} if cfg.rope_scaling else None
+    return dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=cfg.n_embd,
+                intermediate_size=mlp_hidden_size(cfg), num_hidden_layers=cfg.n_layer,
+                num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+                head_dim=cfg.n_embd // cfg.n_head, hidden_act="silu", max_position_embeddings=cfg.block_size,
+                rms_norm_eps=cfg.norm_eps,
+                rope_theta=cfg.rope_theta, rope_scaling=scaling,  # where transformers 4.x reads them
+                rope_parameters={"rope_theta": cfg.rope_theta, **(scaling or {"rope_type": "default"})},
+                attention_bias=cfg.bias, mlp_bias=cfg.bias, attention_dropout=0.0, **common)
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found; point to a Hugging Face model directory that has "
+                                "a config.json.")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _load_hf_weights(hf_dir: str) -> dict:
+    """All tensors of a HF directory: one file or shards listed in an *.index.json."""
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        path = os.path.join(hf_dir, single)
+        if os.path.isfile(path):
+            files = [path]
+        elif os.path.isfile(path + ".index.json"):
+            shards = _read_json(path + ".index.json")["weight_map"].values()
+            files = [os.path.join(hf_dir, s) for s in sorted(set(shards))]
+        else:
+            continue
+        sd = {}
+        for f in files:
+            if f.endswith(".safetensors"):
+                try:
+                    from safetensors.torch import load_file
+                except ImportError:
+                    raise RuntimeError(f"{f} is in safetensors format and the safetensors package is "
+                                       "missing; install it with pip install safetensors.") from None
+                sd.update(load_file(f, device="cpu"))
+            else:  # never arbitrary pickle: tensors and plain containers only
+                sd.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+        return sd
+    raise FileNotFoundError(f"{hf_dir} holds neither model.safetensors nor pytorch_model.bin (or a sharded "
+                            "index of them); copy the complete Hugging Face model directory there.")
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(obj, indent=2) + "\n")
+
+
+def _write_atomic(path: str, write) -> None:
+    """write(tmp_path), then rename over path, so a crash never leaves half a file."""
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------
+# Sizing table: python model.py
+
+
+def main():
+    print(f"{'preset':<13} {'style':<6} {'layers':>6} {'nh/nkv':>7} {'C':>5} {'T':>5} {'V':>6} "
+          f"{'params':>14} {'non-emb':>14} {'GFLOP/token':>12}")
+    for name, kwargs in PRESETS.items():
+        cfg = GPTConfig(**kwargs)
+        with torch.device("meta"):  # sizes only: no memory even for gpt2-xl
+            m = GPT(cfg)
+        style = "gpt2" if cfg.pos == "learned" else "llama"
+        print(f"{name:<13} {style:<6} {cfg.n_layer:>6} {f'{cfg.n_head}/{cfg.n_kv_head}':>7} {cfg.n_embd:>5} "
+              f"{cfg.block_size:>5} {cfg.vocab_size:>6} {m.num_params(False):>14,} {m.num_params(True):>14,} "
+              f"{m.flops_per_token() / 1e9:>12.3f}")
+    print("params counts every tensor once (tied head = wte); non-emb leaves out wpe and an untied wte;"
+          "\nGFLOP/token = 6 * non-emb + 12 * layers * C * T (training, PaLM appendix B).")
+
+
+if __name__ == "__main__":
+    main()
