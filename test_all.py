@@ -15,17 +15,27 @@ import os
 import random
 import subprocess
 import sys
+import functools
+import hashlib
+import http.server
 import json
+import struct
+import threading
+import unicodedata
 import math
 from dataclasses import asdict
 import pytest
 import tiktoken
 import tiktoken.load
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 import tokenizer
 from tokenizer import SPECIAL_TOKENS, Tokenizer, parse_config
+import prepare
+from prepare import SHARD_MAGIC, PrepareConfig, open_shard, write_shard
+from tokenizer import Tokenizer
 import model
 from model import GPT, PRESETS, GPTConfig, KVCache, peak_flops, sample_logits
 
@@ -383,6 +393,451 @@ def test_tokenizer_cli_train_encode_stats(tmp_path):
     assert r.returncode == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr
     r = run("train", f"--input={corpus}", "--vocab_size=10")
     assert r.returncode == 1 and "too small" in r.stderr and "Traceback" not in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# prepare.py: corpus -> shards
+
+"""Tests for prepare.py: shard format, cleaning counts, exact bytes, splits, downloads, idempotence.
+
+Run from the project root: python -m pytest parts/test_prepare.py -q
+"""
+
+
+
+
+
+def _prepare_shared_file(name):
+    # the shared data folder sits beside the project root; this file may live in parts/ or at the root
+    here = os.path.dirname(os.path.abspath(__file__))
+    for up in ("..", os.path.join("..", "..")):
+        p = os.path.join(here, up, "shared", "data", name)
+        if os.path.exists(p):
+            return p
+    return None
+
+
+_PREPARE_SHAKESPEARE = _prepare_shared_file("tinyshakespeare.txt")
+
+
+def _prepare_tokens(folder, split):
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    parts = [np.asarray(open_shard(os.path.join(folder, s))) for s in meta["splits"][split]["shards"]]
+    return meta, np.concatenate(parts).astype(np.int64)
+
+
+def _prepare_split_docs(tokens, eot):
+    """Token stream -> list of documents' token lists, using the eot that starts each one."""
+    starts = np.flatnonzero(tokens == eot)
+    assert len(tokens) == 0 or starts[0] == 0, "every document must start with <|endoftext|>"
+    return [tokens[a + 1:b].tolist() for a, b in zip(starts, list(starts[1:]) + [len(tokens)])]
+
+
+def _prepare_in_val(doc_id, fraction):
+    # an independent restatement of the documented rule: blake2b-64 of the path, little endian
+    h = int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "little")
+    return h / 2**64 < fraction
+
+
+# -----------------------------------------------------------------------------
+# A loopback HTTP server: serves a folder, plus /truncated.txt which promises more than it sends
+
+
+class _PrepareHandler(http.server.SimpleHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/truncated.txt":
+            body = b"only part of the file\n" * 5
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body) + 1000))
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = True
+            return
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def _prepare_server(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_PrepareHandler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def _prepare_tok(tmp_path_factory):
+    """A small BPE trained once on Shakespeare-like text (or the crafted corpus) and saved."""
+    text = open(_PREPARE_SHAKESPEARE).read()[:200_000] if _PREPARE_SHAKESPEARE else "hello world\n" * 1000
+    tok = Tokenizer.train(text, 400)
+    path = str(tmp_path_factory.mktemp("tok") / "tokenizer.bpe")
+    tok.save(path)
+    return tok, path
+
+
+# -----------------------------------------------------------------------------
+# Shard format
+
+
+def test_prepare_shard_header_roundtrip(tmp_path):
+    for dtype, version, ids in ((np.uint16, 1, [50256, 0, 65535, 7]), (np.uint32, 2, [100276, 0, 2**32 - 1])):
+        path = str(tmp_path / f"s{version}.bin")
+        write_shard(path, np.array(ids, dtype=dtype))
+        raw = open(path, "rb").read()
+        header = struct.unpack("<256i", raw[:1024])  # llm.c: 256 little-endian int32
+        assert header[:3] == (SHARD_MAGIC, version, len(ids)) and not any(header[3:])
+        assert len(raw) == 1024 + len(ids) * np.dtype(dtype).itemsize
+        assert np.frombuffer(raw[1024:], dtype=dtype).tolist() == ids
+        got = open_shard(path)
+        assert got.dtype == dtype and got.tolist() == ids
+    llama3 = struct.pack("<256i", 20240801, 7, 2, *[0] * 253) + np.array([128000, 9906], dtype="<u4").tobytes()
+    open(tmp_path / "llama3.bin", "wb").write(llama3)  # llm.c's own uint32 format reads too
+    assert open_shard(str(tmp_path / "llama3.bin")).tolist() == [128000, 9906]
+    os.remove(tmp_path / "llama3.bin")
+    write_shard(str(tmp_path / "auto.bin"), [1, 70000])  # a plain list with a big id picks uint32
+    assert open_shard(str(tmp_path / "auto.bin")).dtype == np.uint32
+    with pytest.raises(ValueError, match="do not fit"):
+        write_shard(str(tmp_path / "bad.bin"), [70000], dtype=np.uint16)
+    assert sorted(os.listdir(tmp_path)) == ["auto.bin", "s1.bin", "s2.bin"]  # no temporary left
+
+
+def test_prepare_open_shard_rejects_corrupt(tmp_path):
+    good = str(tmp_path / "good.bin")
+    write_shard(good, np.arange(100, dtype=np.uint16))
+    raw = open(good, "rb").read()
+
+    def corrupt(name, data):
+        p = str(tmp_path / name)
+        open(p, "wb").write(data)
+        with pytest.raises(ValueError, match="HINT"):
+            open_shard(p)
+
+    corrupt("magic.bin", struct.pack("<i", 1234) + raw[4:])
+    corrupt("version.bin", raw[:4] + struct.pack("<i", 7) + raw[8:])
+    corrupt("truncated.bin", raw[:-2])  # one token short of what the header promises
+    corrupt("longer.bin", raw + b"\0\0")
+    corrupt("short.bin", raw[:100])
+    corrupt("count.bin", raw[:8] + struct.pack("<i", 101) + raw[12:])
+    with pytest.raises(FileNotFoundError):
+        open_shard(str(tmp_path / "missing.bin"))
+
+
+def test_prepare_choose_dtype():
+    assert prepare.choose_dtype(50257, "auto") == np.uint16
+    assert prepare.choose_dtype(65536, "auto") == np.uint16  # ids 0..65535 all fit
+    assert prepare.choose_dtype(65537, "auto") == np.uint32
+    assert prepare.choose_dtype(300, "uint32") == np.uint32
+    with pytest.raises(ValueError, match="too many for --dtype=uint16"):
+        prepare.choose_dtype(100277, "uint16")
+
+
+# -----------------------------------------------------------------------------
+# Cleaning, dedup, splits and exact bytes on a crafted corpus
+
+_PREPARE_BODY = "The quick brown fox jumps over the lazy dog, again and again.\n"
+
+
+def _prepare_crafted(root):
+    """Write a corpus with one case per rule; return {doc_id: cleaned text} of the documents kept."""
+    (root / "sub").mkdir(parents=True)
+    (root / ".hidden").mkdir()
+    files = {
+        "a.txt": ("Windows line\r\nends\tand a bell\x07 here.\r\n" + _PREPARE_BODY).encode(),
+        "b.md": ("# Cafe\u0301 notes\n\n" + _PREPARE_BODY * 2).encode(),  # NFD e + combining acute
+        "c.py": ("Windows line\r\nends\tand a bell\x07 here.\r\n" + _PREPARE_BODY).encode(),  # dup of a.txt
+        "d.txt": b"too short\n",
+        "sub/e.txt": b"\xef\xbb\xbfBOM first, then a bad byte \xff in the middle.\n" + _PREPARE_BODY.encode(),
+        "sub/f.txt": b"\x00\x01\x02binary\x00" * 20,
+        "sub/g.jsonl": "\n".join([
+            json.dumps({"text": "first json document " + _PREPARE_BODY}),
+            "{not json",
+            json.dumps({"title": "no text field"}),
+            json.dumps({"text": "first json document " + _PREPARE_BODY}),  # duplicate
+            json.dumps({"text": "second json document, with <|endoftext|> inside " + _PREPARE_BODY}),
+            '{"text": "a lone surrogate \\ud800 in JSON ' + _PREPARE_BODY.strip() + '"}',
+        ]).encode() + b'\n{"text": "invalid \xff utf-8 in a JSON line"}\n',
+        "sub/ignored.csv": b"a,b,c\n" * 50,
+        ".hidden/h.txt": _PREPARE_BODY.encode() * 3,
+    }
+    for rel, data in files.items():
+        (root / rel).write_bytes(data)
+    return {
+        "a.txt": "Windows line\nends\tand a bell here.\n" + _PREPARE_BODY,
+        "b.md": "# Caf\u00e9 notes\n\n" + _PREPARE_BODY * 2,
+        "sub/e.txt": "BOM first, then a bad byte \ufffd in the middle.\n" + _PREPARE_BODY,
+        "sub/g.jsonl:1": "first json document " + _PREPARE_BODY,
+        "sub/g.jsonl:5": "second json document, with <|endoftext|> inside " + _PREPARE_BODY,
+        "sub/g.jsonl:6": "a lone surrogate ? in JSON " + _PREPARE_BODY.strip(),
+    }
+
+
+def test_prepare_crafted_corpus(tmp_path):
+    expected = _prepare_crafted(tmp_path / "corpus")
+    cfg = PrepareConfig(dataset=str(tmp_path / "corpus"), out_dir=str(tmp_path / "data"), vocab_size=300,
+                        val_fraction=0.4, backend="threads", workers=2)
+    folder = prepare.prepare(cfg)
+    assert folder == os.path.join(str(tmp_path / "data"), "corpus")
+    assert sorted(os.listdir(folder)) == ["meta.json", "tokenizer.bpe", "train_000.bin", "val_000.bin"]
+    assert sorted(os.listdir(tmp_path / "data")) == ["corpus"]  # no temporary folder left
+    tok = Tokenizer.load(os.path.join(folder, "tokenizer.bpe"))
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    c = meta["cleaning"]
+    assert (c["documents_in"], c["documents_kept"], c["dropped_short"], c["dropped_duplicate"]) == (9, 6, 1, 2)
+    assert (c["skipped_binary"], c["skipped_bad_jsonl"], c["invalid_utf8_documents"], c["replacement_chars"]) == (1, 3, 2, 1)
+    assert c["cr_normalized_documents"] == 2  # a.txt and its duplicate c.py (cleaned before the dedup check)
+    assert c["control_chars_removed"] == 3  # two bells and one byte-order mark
+    assert meta["eot_id"] == tok.eot_id and meta["vocab_size"] == tok.n_vocab == 300 and meta["dtype"] == "uint16"
+    ids = sorted(expected)
+    for split in ("train", "val"):
+        want = [expected[i] for i in ids if _prepare_in_val(i, 0.4) == (split == "val")]
+        assert want, "the crafted names must put documents in both splits"
+        m, tokens = _prepare_tokens(folder, split)
+        docs = [tok.decode(d) for d in _prepare_split_docs(tokens, tok.eot_id)]
+        assert docs == want  # shards decode to exactly the cleaned documents, in path order
+        info = m["splits"][split]
+        assert info["documents"] == len(want) and info["tokens"] == len(tokens)
+        assert info["bytes"] == sum(len(d.encode("utf-8")) for d in want)  # exact, for bits per byte
+    assert c["bytes_out"] == meta["splits"]["train"]["bytes"] + meta["splits"]["val"]["bytes"]
+    # data cannot inject control tokens: the literal "<|endoftext|>" in g.jsonl is ordinary text
+    _, all_val = _prepare_tokens(folder, "val")
+    _, all_train = _prepare_tokens(folder, "train")
+    assert (np.concatenate([all_train, all_val]) == tok.eot_id).sum() == 6
+
+
+def test_prepare_cleaning_steps():
+    stats = prepare.new_stats()
+    cfg = PrepareConfig(normalize_punct=True, lowercase=True)
+    got = prepare.clean_text("\ufeffA\u201cB\u201d \u2014 e\u0301\r\nx\x1b[0m\x85\ty\u2026\r", cfg, stats)
+    assert got == 'a"b" - \u00e9\nx[0m\ty...\n'
+    assert unicodedata.is_normalized("NFC", got)
+    seen = set()
+    assert prepare.dedup_lines("a\nb\n\nc", seen, stats) == "a\nb\n\nc"
+    assert prepare.dedup_lines("b\n  a\nd\n", seen, stats) == "d\n"
+    assert stats["lines_deduplicated"] == 2
+
+
+def test_prepare_dedup_lines_and_max_docs(tmp_path, _prepare_tok):
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    shared_line = "this boilerplate line appears in every document\n"
+    for i in range(12):
+        (corpus / f"doc{i:02d}.txt").write_text(f"document number {i} has its own first line\n{shared_line}")
+    cfg = PrepareConfig(dataset=str(corpus), out_dir=str(tmp_path / "d"), tokenizer=_prepare_tok[1],
+                        dedup_lines=True, max_docs=10, val_fraction=0.3, min_chars=10)
+    meta = json.load(open(os.path.join(prepare.prepare(cfg), "meta.json")))
+    assert meta["cleaning"]["documents_kept"] == 10 and meta["cleaning"]["lines_deduplicated"] == 9
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 10
+
+
+# -----------------------------------------------------------------------------
+# One long document: positional split, streamed in blocks, tokens as if encoded whole
+
+
+@pytest.mark.parametrize("pattern", ["gpt4", "gpt2"])
+def test_prepare_single_document_blocks(tmp_path, monkeypatch, pattern):
+    # Python source has every whitespace shape (indents, blank lines, trailing spaces) a block cut could break;
+    # the gpt2 pattern glues a newline to the next line's indentation, so only some line starts are safe
+    text = "".join(open(p, encoding="utf-8").read() for p in (prepare.__file__, json.__file__, functools.__file__))
+    text = text.replace("\r", "").replace("\n\n", "\n  \n")
+    tok = Tokenizer.train(text, 300, pattern=pattern)
+    tok.save(str(tmp_path / "tok.bpe"))
+    (tmp_path / "one.txt").write_text(text, encoding="utf-8")
+    monkeypatch.setattr(prepare, "BATCH_BYTES", 4096)  # ~25 blocks instead of one
+    cfg = PrepareConfig(dataset=str(tmp_path / "one.txt"), out_dir=str(tmp_path / "d"), tokenizer=str(tmp_path / "tok.bpe"),
+                        val_fraction=0.2, backend="threads", workers=2)
+    folder = prepare.prepare(cfg)
+    meta, train = _prepare_tokens(folder, "train")
+    _, val = _prepare_tokens(folder, "val")
+    cut = meta["splits"]["train"]["bytes"]
+    raw = text.encode("utf-8")
+    assert meta["splits"]["val"]["bytes"] == len(raw) - cut and raw[cut - 1:cut] == b"\n"  # a line boundary
+    assert abs(len(raw) - cut - 0.2 * len(raw)) < 200  # about val_fraction, from the end
+    # the reference: the two parts encoded whole, each after one <|endoftext|>
+    assert train.tolist() == [tok.eot_id] + tok.encode(raw[:cut].decode())
+    assert val.tolist() == [tok.eot_id] + tok.encode(raw[cut:].decode())
+    assert meta["splits"]["train"]["documents"] == meta["splits"]["val"]["documents"] == 1
+
+
+# -----------------------------------------------------------------------------
+# Downloads against a loopback server (never the internet)
+
+
+def test_prepare_download_url_and_truncation(tmp_path, _prepare_server, _prepare_tok):
+    www, base = _prepare_server
+    lines = [f"line {i}: {'spam ' * (i % 7)}eggs" for i in range(3000)]
+    (www / "corpus.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "data"
+    cfg = PrepareConfig(dataset=f"{base}/corpus.txt", out_dir=str(out), tokenizer=_prepare_tok[1])
+    folder = prepare.prepare(cfg)
+    downloads = os.listdir(out / "downloads")
+    assert len(downloads) == 1 and downloads[0].startswith("corpus-") and folder.endswith("corpus")
+    assert open(out / "downloads" / downloads[0], "rb").read() == (www / "corpus.txt").read_bytes()
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    assert meta["splits"]["val"]["bytes"] + meta["splits"]["train"]["bytes"] == (www / "corpus.txt").stat().st_size
+
+    before = sorted(os.listdir(out))
+    with pytest.raises(RuntimeError, match="truncated"):
+        prepare.prepare(PrepareConfig(dataset=f"{base}/truncated.txt", out_dir=str(out), tokenizer=_prepare_tok[1]))
+    with pytest.raises(RuntimeError, match="HTTP 404"):
+        prepare.download(f"{base}/missing.txt", str(out / "downloads" / "missing.txt"))
+    assert sorted(os.listdir(out)) == before and os.listdir(out / "downloads") == downloads  # nothing left behind
+
+
+@pytest.mark.skipif(_PREPARE_SHAKESPEARE is None, reason="needs ../shared/data/tinyshakespeare.txt")
+def test_prepare_shakespeare_from_mirror(tmp_path, _prepare_server, _prepare_tok):
+    www, base = _prepare_server
+    (www / "tinyshakespeare.txt").write_bytes(open(_PREPARE_SHAKESPEARE, "rb").read())
+    tok, tok_path = _prepare_tok
+    cfg = PrepareConfig(dataset="shakespeare", out_dir=str(tmp_path), base_url=base, tokenizer=tok_path)
+    folder = prepare.prepare(cfg)
+    assert folder == os.path.join(str(tmp_path), "shakespeare")
+    meta, val = _prepare_tokens(folder, "val")
+    train, raw = _prepare_tokens(folder, "train")[1], open(_PREPARE_SHAKESPEARE, "rb").read()
+    assert meta["config"]["val_fraction"] == 0.1  # the dataset's default, nanoGPT's 90/10 split
+    cut = meta["splits"]["train"]["bytes"]
+    assert cut + meta["splits"]["val"]["bytes"] == len(raw) == 1115394 and raw[cut - 1:cut] == b"\n"
+    assert tok.decode(train[1:].tolist()) + tok.decode(val[1:].tolist()) == raw.decode()
+    # a mirror serving the wrong file is caught by the size/sha256 check, leaving nothing behind
+    (www / "tinyshakespeare.txt").write_bytes(raw[:-10] + b"0123456789")
+    with pytest.raises(RuntimeError, match="sha256"):
+        prepare.prepare(PrepareConfig(dataset="shakespeare", out_dir=str(tmp_path / "x"), base_url=base))
+    assert os.listdir(tmp_path / "x" / "downloads") == []
+
+
+# -----------------------------------------------------------------------------
+# Idempotence, backends, sharding, uint32
+
+
+def _prepare_small_corpus(root, n=30):
+    root.mkdir(parents=True)
+    for i in range(n):
+        (root / f"f{i:02d}.txt").write_text(f"file {i}\n" + "".join(f"row {j} of {i}: {j * i}\n" for j in range(40)))
+
+
+def test_prepare_idempotence_and_force(tmp_path, _prepare_tok, capsys):
+    _prepare_small_corpus(tmp_path / "c")
+    cfg = PrepareConfig(dataset=str(tmp_path / "c"), out_dir=str(tmp_path / "d"), tokenizer=_prepare_tok[1],
+                        val_fraction=0.2)
+    folder = prepare.prepare(cfg)
+    shard = os.path.join(folder, "train_000.bin")
+    ino = os.stat(shard).st_ino
+    assert prepare.prepare(cfg) == folder and os.stat(shard).st_ino == ino  # reused, not rewritten
+    assert "up to date" in capsys.readouterr().out
+    prepare.prepare(PrepareConfig(**{**cfg.__dict__, "force": True}))
+    ino2 = os.stat(shard).st_ino
+    assert ino2 != ino  # --force rebuilt it
+    prepare.prepare(PrepareConfig(**{**cfg.__dict__, "min_chars": 5}))  # another option: rebuilt
+    ino3 = os.stat(shard).st_ino
+    assert ino3 != ino2
+    (tmp_path / "c" / "f03.txt").write_text("changed content of file three, long enough to keep\n")
+    prepare.prepare(PrepareConfig(**{**cfg.__dict__, "min_chars": 5}))  # another input: rebuilt
+    ino4 = os.stat(shard).st_ino
+    assert ino4 != ino3
+    with open(shard, "r+b") as f:  # a damaged output is not trusted
+        f.truncate(2000)
+    prepare.prepare(PrepareConfig(**{**cfg.__dict__, "min_chars": 5}))
+    assert len(open_shard(shard)) == json.load(open(os.path.join(folder, "meta.json")))["splits"]["train"]["tokens"]
+    assert sorted(os.listdir(tmp_path / "d")) == ["c"]
+
+
+def test_prepare_backends_shards_and_uint32(tmp_path, _prepare_tok):
+    _prepare_small_corpus(tmp_path / "c", n=40)
+    base = dict(dataset=str(tmp_path / "c"), tokenizer=_prepare_tok[1], val_fraction=0.2)
+    ref = prepare.prepare(PrepareConfig(out_dir=str(tmp_path / "one"), backend="threads", workers=1, **base))
+    runs = {
+        "processes": PrepareConfig(out_dir=str(tmp_path / "p"), backend="processes", workers=2, shard_tokens=1000, **base),
+        "threads": PrepareConfig(out_dir=str(tmp_path / "t"), backend="threads", workers=2, shard_tokens=1000, **base),
+        "uint32": PrepareConfig(out_dir=str(tmp_path / "u"), dtype="uint32", **base),
+    }
+    for split in ("train", "val"):
+        ref_meta, ref_tokens = _prepare_tokens(ref, split)
+        for name, cfg in runs.items():
+            folder = prepare.prepare(cfg)
+            meta, tokens = _prepare_tokens(folder, split)
+            assert np.array_equal(tokens, ref_tokens), name
+            assert meta["splits"][split]["bytes"] == ref_meta["splits"][split]["bytes"]
+            sizes = [len(open_shard(os.path.join(folder, s))) for s in meta["splits"][split]["shards"]]
+            if cfg.shard_tokens == 1000:
+                assert len(sizes) > 1 and all(s == 1000 for s in sizes[:-1]) and 0 < sizes[-1] <= 1000
+            if name == "uint32":
+                shard = os.path.join(folder, meta["splits"][split]["shards"][0])
+                assert struct.unpack("<3i", open(shard, "rb").read(12))[1] == 2 and meta["dtype"] == "uint32"
+
+
+def test_prepare_pystdlib_order_and_reading(tmp_path):
+    source = prepare.resolve_source(PrepareConfig())
+    paths = [rel for rel, _, _ in source.files]
+    assert len(paths) > 1000 and paths == sorted(paths) and all(p.endswith(".py") for p in paths)
+    assert not any("site-packages" in p or "__pycache__" in p for p in paths)
+    cfg = PrepareConfig(max_docs=25, vocab_size=300, out_dir=str(tmp_path), val_fraction=0.2, workers=1)
+    folder = prepare.prepare(cfg)
+    assert folder == os.path.join(str(tmp_path), "pystdlib")
+    tok = Tokenizer.load(os.path.join(folder, "tokenizer.bpe"))
+    kept = []  # reference: the first 25 files of 32+ characters, read with newline="" (no \r translation)
+    for rel in paths:
+        with open(os.path.join(source.root, rel), encoding="utf-8", errors="replace", newline="") as f:
+            text = unicodedata.normalize("NFC", f.read().replace("\r\n", "\n"))
+        if len(text.strip()) >= 32 and text not in kept:
+            kept.append(text)
+        if len(kept) == 25:
+            break
+    got = []
+    for split in ("train", "val"):
+        got += [tok.decode(d) for d in _prepare_split_docs(_prepare_tokens(folder, split)[1], tok.eot_id)]
+    assert sorted(got) == sorted(kept)
+
+
+# -----------------------------------------------------------------------------
+# Bad input: one clear sentence, nothing half-written
+
+
+def test_prepare_bad_input(tmp_path, _prepare_tok, capsys):
+    out = str(tmp_path / "d")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        prepare.prepare(PrepareConfig(dataset=str(tmp_path / "nope"), out_dir=out))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "x.bin").write_bytes(b"\0")
+    with pytest.raises(ValueError, match="holds no"):
+        prepare.prepare(PrepareConfig(dataset=str(tmp_path / "empty"), out_dir=out))
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "a.txt").write_text("hi\n")
+    (tmp_path / "tiny" / "b.txt").write_text("yo\n")
+    with pytest.raises(ValueError, match="nothing left"):
+        prepare.prepare(PrepareConfig(dataset=str(tmp_path / "tiny"), out_dir=out, tokenizer=_prepare_tok[1]))
+    assert not os.path.exists(out) or os.listdir(out) == []
+    (tmp_path / "blob.txt").write_bytes(b"\x00\x01" * 5000)  # a binary file passed directly
+    with pytest.raises(ValueError, match="nothing left.*skipped_binary 1"):
+        prepare.prepare(PrepareConfig(dataset=str(tmp_path / "blob.txt"), out_dir=out, tokenizer=_prepare_tok[1]))
+    with pytest.raises(ValueError, match="val_fraction"):
+        prepare.prepare(PrepareConfig(dataset=str(tmp_path / "tiny"), out_dir=out, val_fraction=1.5))
+    # an out_dir/NAME that holds another dataset is not replaced without --force
+    _prepare_small_corpus(tmp_path / "one" / "corpus")
+    _prepare_small_corpus(tmp_path / "two" / "corpus")
+    first = prepare.prepare(PrepareConfig(dataset=str(tmp_path / "one" / "corpus"), out_dir=out,
+                                          tokenizer=_prepare_tok[1], val_fraction=0.2))
+    other = PrepareConfig(dataset=str(tmp_path / "two" / "corpus"), out_dir=out, tokenizer=_prepare_tok[1],
+                          val_fraction=0.2)
+    with pytest.raises(ValueError, match="holds dataset"):
+        prepare.prepare(other)
+    assert prepare.prepare(PrepareConfig(**{**other.__dict__, "force": True})) == first
+    open(os.path.join(first, "notes.txt"), "w").write("mine")  # a file prepare.py did not write: never deleted
+    with pytest.raises(ValueError, match="did not write"):
+        prepare.prepare(PrepareConfig(**{**other.__dict__, "force": True}))
+    # the script: one sentence on stderr and exit status 1, no traceback
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        prepare.main([f"--dataset={tmp_path / 'nope'}", f"--out_dir={out}"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and err.startswith("prepare.py: error:") and "\n" not in err
+    with pytest.raises(SystemExit) as e:
+        prepare.main(["--vocab_sise=300"])
+    assert e.value.code == 2
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,928 @@
+"""
+prepare.py: raw text -> cleaned documents -> BPE tokens -> llm.c-format shards on disk.
+
+The data stage. It reads a corpus one document at a time, cleans and deduplicates it,
+trains (or loads) a tokenizer, and streams the token ids into fixed-size binary shards
+that train.py memory-maps. Memory stays flat whatever the corpus size: documents are
+streamed, tokenized in parallel in bounded batches, and appended to shards as they come.
+
+Run:
+    python prepare.py                                  # default: this Python's stdlib (offline), BPE 4096
+    python prepare.py --dataset=shakespeare            # Tiny Shakespeare (downloaded once, 1.1 MB)
+    python prepare.py --dataset=path/to/dir_or_file    # .txt .md .py files, .jsonl with a "text" field
+    python prepare.py --dataset=https://host/file.txt  # any plain-text URL
+    python prepare.py --tokenizer=gpt2 --force         # tiktoken's GPT-2 vocabulary instead of training one
+    python prepare.py --max_docs=200 --vocab_size=512  # a tiny run for a quick look
+    python prepare.py -h                               # every option with its meaning
+
+Output, in out_dir/NAME/ (NAME = pystdlib, shakespeare, or the file/URL stem):
+    train_000.bin ...  val_000.bin ...   token shards (format below)
+    tokenizer.bpe                        the tokenizer the ids belong to (tokenizer.py's format)
+    meta.json                            dataset, fingerprint, cleaning counts, tokens and exact bytes per split
+
+Shard format, llm.c's (karpathy/llm.c dev/data/data_common.py, also used by modded-nanogpt's
+FineWeb shards, which therefore train here unchanged): a header of 256 int32 (little endian),
+header[0] = 20240520 (magic), header[1] = 1 for uint16 tokens or 2 for uint32 tokens (ours;
+llm.c's own uint32 shards use magic 20240801, version 7, and read here too), header[2] = number
+of tokens; then the tokens. Convention, as in GPT-2 and llm.c: every
+document STARTS with <|endoftext|>, so a model sees "end of the previous text" before each
+new one and a window that spans two documents can tell they are unrelated.
+
+Sources: llm.c (shard format, eot-before-document), nanoGPT data/shakespeare_char (the
+positional 90/10-style split of a single text), Gopher (Rae et al. 2021, Appendix A) and
+CCNet (Wenzek et al. 2019) for the exact-dedup and line-dedup filters.
+"""
+
+import array
+import hashlib
+import http.client
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import sysconfig
+import time
+import unicodedata
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class PrepareConfig:
+    dataset: str = "pystdlib"  # pystdlib (this Python's stdlib .py files, offline) | shakespeare | a file or directory | an http(s) URL
+    out_dir: str = "data"  # outputs go in out_dir/NAME/; downloads are cached in out_dir/downloads/
+    name: str = ""  # NAME of the output folder; "" derives it from dataset (pystdlib, shakespeare, the file or URL stem)
+    # 4096, for the default CPU run (train.py: 4 layers x 128 wide, block 128, tied embeddings). Measured
+    # on the stdlib val split, V = 1024 / 2048 / 4096 / 8192 give 2.50 / 2.92 / 3.30 / 3.64 bytes per token
+    # and cost 6.7 / 7.5 / 9.1 / 12.2 MFLOP per training token (model.flops_per_token), so 2.68 / 2.56 /
+    # 2.74 / 3.35 MFLOP per byte of text: 4096 costs 7% more per byte than the cheapest (2048) but its
+    # 128-token window holds 13% more text; 8192 would cost 22% more per byte for 10% more context.
+    vocab_size: int = 4096  # size of the BPE trained here, special tokens included (ignored with --tokenizer)
+    tokenizer: str = ""  # "" trains a BPE on the train split; or a saved tokenizer file; or gpt2 | cl100k_base | o200k_base
+    pattern: str = "gpt4"  # pre-tokenizer regex for training: gpt4, gpt2, or a regex string
+    tokenizer_max_bytes: int = 200_000_000  # train the BPE on at most this many bytes of the train split (memory)
+    val_fraction: float = 0.0  # validation share: documents by path hash, or a single text's tail; 0 = dataset default (0.1 shakespeare, as nanoGPT; else 0.05)
+    min_chars: int = 32  # drop documents shorter than this (characters, cleaned, surrounding whitespace stripped)
+    dedup: bool = True  # drop exact duplicate documents (hash of the cleaned text)
+    dedup_lines: bool = False  # drop non-blank lines seen in an earlier document (CCNet-style; off: it breaks code)
+    lowercase: bool = False  # lowercase all text (off: case carries meaning, see normalize_case)
+    normalize_punct: bool = False  # curly quotes, dashes, ellipsis, no-break spaces -> ASCII
+    dtype: str = "auto"  # shard token type: auto (uint16 when the vocabulary fits) | uint16 | uint32
+    shard_tokens: int = 100_000_000  # tokens per shard file (llm.c's FineWeb shards hold 1e8)
+    max_docs: int = 0  # keep only the first N documents after filtering (0 = all); for quick runs
+    backend: str = "processes"  # parallel tokenization: processes | threads (measured: see README.md)
+    workers: int = 0  # tokenizer workers; 0 = one per CPU core
+    base_url: str = ""  # mirror for named downloads: fetch BASE_URL/FILE instead (env PREPARE_BASE_URL works too)
+    force: bool = False  # rebuild even when out_dir/NAME already matches this configuration's fingerprint
+
+
+SHARD_MAGIC = 20240520  # llm.c's magic number, header[0] of every shard written here
+HEADER_INTS = 256  # header size in int32 (1024 bytes)
+# (magic, version) -> token dtype. Version 2 is this project's uint32 variant; llm.c writes its
+# own uint32 (Llama 3) shards with magic 20240801 and version 7, which open_shard also reads.
+SHARD_FORMATS = {(SHARD_MAGIC, 1): np.uint16, (SHARD_MAGIC, 2): np.uint32, (20240801, 7): np.uint32}
+PREPARE_FORMAT = 1  # bump when the output of the same inputs and options would change
+TIKTOKEN_NAMES = ("gpt2", "cl100k_base", "o200k_base")
+TEXT_EXTS = (".txt", ".md", ".py", ".jsonl")  # files taken from a directory tree
+BATCH_BYTES = 1 << 20  # text per tokenization task: big enough to amortize IPC, small enough to bound memory
+
+# Named downloads. To add a dataset: its URL, the file name it is cached under in
+# out_dir/downloads/, and its size and sha256 when known (checked after the download).
+# A corpus that needs a new required dependency (parquet for FineWeb-Edu) does not belong here.
+DATASETS = {
+    "shakespeare": dict(
+        url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        file="tinyshakespeare.txt",
+        bytes=1115394,
+        sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+        val_fraction=0.1,  # nanoGPT's 90/10 split, so val losses compare with its published numbers
+    ),
+}
+
+# -----------------------------------------------------------------------------
+# Shard format: write and read (the reader is what train.py uses)
+
+
+def write_shard(path: str, tokens, dtype=None) -> None:
+    """Write tokens to an llm.c shard at path, atomically (temporary name, then rename).
+
+    dtype None keeps a uint16/uint32 array's type, else picks uint16 when every id fits.
+    >>> write_shard("x.bin", [50256, 15496, 995])  # 1024-byte header + 3 x uint16
+    """
+    tokens = np.asarray(tokens)
+    lo, hi = (int(tokens.min()), int(tokens.max())) if tokens.size else (0, 0)
+    if dtype is None:
+        dtype = tokens.dtype if tokens.dtype in (np.uint16, np.uint32) else (np.uint16 if hi < 2**16 else np.uint32)
+    dtype = np.dtype(dtype)
+    if tokens.ndim != 1 or dtype not in (np.uint16, np.uint32) or tokens.size > 2**31 - 1:
+        raise ValueError(f"write_shard({path}): a shard holds a 1-D array of fewer than 2**31 ids as uint16 or "
+                         f"uint32, got shape {tokens.shape} as {dtype}.")
+    if lo < 0 or hi > np.iinfo(dtype).max:
+        raise ValueError(f"write_shard({path}): ids in [{lo}, {hi}] do not fit {dtype}; use uint32.")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(_shard_header(len(tokens), dtype).tobytes())
+            f.write(tokens.astype(dtype, copy=False).tobytes())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _shard_header(count: int, dtype) -> np.ndarray:
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0] = SHARD_MAGIC
+    header[1] = 1 if np.dtype(dtype) == np.uint16 else 2
+    header[2] = count
+    return header
+
+
+def open_shard(path: str) -> np.ndarray:
+    """Validate an llm.c shard's header and return its tokens as a read-only 1-D numpy memmap.
+
+    Checks the magic, the version (1 = uint16, 2 = uint32) and that the token count matches
+    the file size, so a truncated copy or a foreign file fails here, not mid-training.
+    (An empty shard comes back as an empty array: a zero-length file region cannot be mapped.)
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"shard {path} does not exist; HINT: run prepare.py to create it.")
+    size = os.path.getsize(path)
+    if size < HEADER_INTS * 4:
+        raise ValueError(f"shard {path} is {size} bytes, shorter than the 1024-byte header; "
+                         f"HINT: the file is truncated or not a shard, rerun prepare.py with --force.")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    magic, version, count = (int(x) for x in header[:3])
+    if magic not in {m for m, _ in SHARD_FORMATS}:
+        raise ValueError(f"shard {path} has magic {magic}, expected {SHARD_MAGIC}; "
+                         f"HINT: this is not an llm.c token shard, rerun prepare.py with --force.")
+    if (magic, version) not in SHARD_FORMATS:
+        raise ValueError(f"shard {path} has version {version}, expected 1 (uint16) or 2 (uint32); "
+                         f"HINT: a shard from another tool needs converting, or rerun prepare.py.")
+    dtype = np.dtype(SHARD_FORMATS[magic, version])
+    expected = HEADER_INTS * 4 + count * dtype.itemsize
+    if count < 0 or size != expected:
+        raise ValueError(f"shard {path} holds {size} bytes but its header promises {count} {dtype} tokens "
+                         f"({expected} bytes); HINT: the file is truncated or corrupt, rerun prepare.py with --force.")
+    if count == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_INTS * 4, shape=(count,))
+
+
+class _ShardWriter:
+    """Appends token arrays to train_000.bin, train_001.bin, ... with exactly shard_tokens each
+    (the last one shorter); the count goes into the header when a shard is closed."""
+
+    def __init__(self, folder: str, split: str, dtype, shard_tokens: int):
+        self.folder, self.split, self.dtype, self.shard_tokens = folder, split, np.dtype(dtype), shard_tokens
+        self.files, self.total, self._f, self._n = [], 0, None, 0
+
+    def add(self, tokens: np.ndarray) -> None:
+        tokens = tokens.astype(self.dtype, copy=False)
+        while len(tokens):
+            if self._f is None:
+                name = f"{self.split}_{len(self.files):03d}.bin"
+                self.files.append(name)
+                self._f = open(os.path.join(self.folder, name), "wb")
+                self._f.write(_shard_header(0, self.dtype).tobytes())  # placeholder until close
+                self._n = 0
+            take = min(len(tokens), self.shard_tokens - self._n)
+            self._f.write(tokens[:take].tobytes())
+            self._n += take
+            self.total += take
+            tokens = tokens[take:]
+            if self._n == self.shard_tokens:
+                self._close_shard()
+
+    def _close_shard(self) -> None:
+        self._f.seek(0)
+        self._f.write(_shard_header(self._n, self.dtype).tobytes())
+        self._f.close()
+        self._f = None
+
+    def close(self) -> list:
+        if self._f is not None:
+            self._close_shard()
+        return self.files
+
+
+# -----------------------------------------------------------------------------
+# Sources: which files make up the corpus (downloading them when needed)
+
+
+@dataclass
+class _Source:
+    name: str  # output folder name
+    label: str  # what meta.json calls the dataset
+    root: str  # folder the relative paths below refer to
+    files: list  # [(relative path, size in bytes, mtime_ns)], sorted by path
+    single: bool  # one document (split by position) rather than many (split by hash)
+
+
+def _walk_files(root: str, exts: tuple, skip_dirs: tuple = ()) -> list:
+    files = []
+    for d, dirs, names in os.walk(root):
+        # sorted in place so os.walk descends in a deterministic order on every filesystem
+        dirs[:] = sorted(x for x in dirs if not x.startswith(".") and x not in ("__pycache__",) + skip_dirs)
+        for n in sorted(names):
+            if n.endswith(exts) and not n.startswith("."):
+                p = os.path.join(d, n)
+                try:
+                    st = os.stat(p)
+                    size, mtime = st.st_size, st.st_mtime_ns
+                except OSError:  # a broken link: listed, then skipped as unreadable and counted
+                    size, mtime = 0, 0
+                files.append((os.path.relpath(p, root).replace(os.sep, "/"), size, mtime))
+    files.sort()
+    return files
+
+
+def _stem(path: str) -> str:
+    base = os.path.basename(path.rstrip("/\\")) or "dataset"
+    stem = os.path.splitext(base)[0] if not os.path.isdir(path) else base
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", stem).strip(".") or "dataset"
+
+
+def resolve_source(cfg: PrepareConfig) -> _Source:
+    """Turn cfg.dataset into a list of files, downloading named datasets and URLs first."""
+    ds = cfg.dataset
+    if ds == "pystdlib":
+        root = sysconfig.get_paths()["stdlib"]
+        # subtle: site-packages lives inside the stdlib folder; it is third-party code, not stdlib.
+        files = _walk_files(root, (".py",), skip_dirs=("site-packages", "dist-packages"))
+        return _Source(cfg.name or "pystdlib", f"pystdlib (Python {sys.version.split()[0]})", root, files, False)
+    if ds in DATASETS or ds.startswith(("http://", "https://")):
+        if ds in DATASETS:
+            spec = DATASETS[ds]
+            base = cfg.base_url or os.environ.get("PREPARE_BASE_URL", "")
+            url = f"{base.rstrip('/')}/{spec['file']}" if base else spec["url"]
+            local = os.path.join(cfg.out_dir, "downloads", spec["file"])
+            name, label = ds, ds
+        else:
+            url, spec = ds, {}
+            fname = os.path.basename(urllib.parse.urlparse(ds).path) or "download.txt"
+            tag = hashlib.sha256(ds.encode()).hexdigest()[:8]  # two URLs ending in input.txt must not collide
+            ext = os.path.splitext(fname)[1] or ".txt"
+            local = os.path.join(cfg.out_dir, "downloads", f"{_stem(fname)}-{tag}{ext}")
+            name, label = _stem(fname), ds
+        if not os.path.exists(local):
+            download(url, local, expected_bytes=spec.get("bytes"), sha256=spec.get("sha256"))
+        st = os.stat(local)
+        single = not local.endswith(".jsonl")
+        return _Source(cfg.name or name, label, os.path.dirname(local),
+                       [(os.path.basename(local), st.st_size, st.st_mtime_ns)], single)
+    if not os.path.exists(ds):
+        raise FileNotFoundError(f"dataset path {ds} does not exist; pass --dataset=pystdlib, shakespeare, "
+                                f"an existing file or directory, or an http(s) URL.")
+    ds_abs = os.path.abspath(ds)
+    if os.path.isdir(ds_abs):
+        files = _walk_files(ds_abs, TEXT_EXTS)
+        if not files:
+            raise ValueError(f"directory {ds} holds no {'/'.join(TEXT_EXTS)} files; point --dataset at text files.")
+        single = len(files) == 1 and not files[0][0].endswith(".jsonl")
+        return _Source(cfg.name or _stem(ds_abs), ds_abs, ds_abs, files, single)
+    st = os.stat(ds_abs)
+    return _Source(cfg.name or _stem(ds_abs), ds_abs, os.path.dirname(ds_abs),
+                   [(os.path.basename(ds_abs), st.st_size, st.st_mtime_ns)], not ds_abs.endswith(".jsonl"))
+
+
+def download(url: str, path: str, expected_bytes: int = None, sha256: str = None, timeout: float = 60.0) -> str:
+    """Stream url to path through a temporary file; check the length (Content-Length and
+    expected_bytes) and sha256 before renaming, so a cut connection leaves nothing behind."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    print(f"downloading {url} -> {path}")
+    try:
+        digest, got, t0 = hashlib.sha256(), 0, time.time()
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
+            length = r.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            while True:
+                # subtle: when the server closes early, http.client returns b"" (or raises
+                # IncompleteRead) instead of data; only the byte count below tells them apart.
+                chunk = r.read(1 << 20)
+                if not chunk:
+                    break
+                f.write(chunk)
+                digest.update(chunk)
+                got += len(chunk)
+        if total is not None and got != total:
+            raise RuntimeError(f"download of {url} was truncated: got {got} of {total} bytes; run again "
+                               f"(or fetch the file yourself into {path}).")
+        if expected_bytes is not None and got != expected_bytes:
+            raise RuntimeError(f"download of {url} gave {got} bytes, expected {expected_bytes}; "
+                               f"the file or mirror is wrong, check --base_url.")
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise RuntimeError(f"download of {url} has sha256 {digest.hexdigest()[:16]}..., not the known "
+                               f"{sha256[:16]}...; the file or mirror is wrong, check --base_url.")
+        os.replace(tmp, path)
+        print(f"downloaded {got / 1e6:.1f} MB in {time.time() - t0:.1f}s")
+        return path
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"download of {url} failed with HTTP {e.code} {e.reason}; check the URL "
+                           f"or pass --base_url=MIRROR.") from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        reason = getattr(e, "reason", None) or e.__class__.__name__
+        raise RuntimeError(f"download of {url} failed ({reason}); check the network, or put the file "
+                           f"at {path} yourself.") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# -----------------------------------------------------------------------------
+# Reading: files -> raw documents, streamed
+
+_NON_TEXT_CONTROL = re.compile(rb"[\x00-\x08\x0e-\x1a\x1c-\x1f]")  # NUL, and codes no text file holds in bulk
+
+
+def _is_binary(raw: bytes) -> bool:
+    """A NUL byte, or more than 10% control bytes, in the first 8 KB: an image, archive, pyc..."""
+    head = raw[:8192]
+    return b"\x00" in head or len(_NON_TEXT_CONTROL.findall(head)) > len(head) // 10
+
+
+def _decode(raw: bytes, stats: dict) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        # kept, with U+FFFD for each bad sequence: one mis-encoded file (the stdlib ships four,
+        # latin-1 and koi8-r test data for its own decoder) should not stop a run, but it is counted.
+        text = raw.decode("utf-8", errors="replace")
+        stats["invalid_utf8_documents"] += 1
+        stats["replacement_chars"] += text.count("\ufffd") - raw.count("\ufffd".encode())
+        return text
+
+
+def _safe_cut(raw: bytes, pos: int) -> int:
+    """The last offset <= pos just after a newline that is followed by a printable ASCII
+    character, or -1. Cutting there splits neither a UTF-8 sequence, a \\r\\n pair, nor a
+    pre-tokenizer chunk of the gpt2/gpt4 patterns (their whitespace runs never cross it),
+    so blocks tokenize exactly like the whole text would. (With a custom regex a cut may
+    change a few tokens next to it, to another valid encoding of the same text.)"""
+    i = pos
+    while True:
+        i = raw.rfind(b"\n", 0, i)
+        if i < 0:
+            return -1
+        if i + 1 < len(raw) and 0x21 <= raw[i + 1] <= 0x7E:
+            return i + 1
+
+
+def _val_cut(raw: bytes, pos: int, at_start: bool) -> int:
+    """Where validation starts inside raw (pos = the ideal offset): the last line start before
+    pos, else this block's own start, else (a first block without newlines) a character start.
+    Any line start will do here: train and val are separate documents, each encoded whole."""
+    cut = raw.rfind(b"\n", 0, pos) + 1
+    if cut > 0 or not at_start:
+        return cut
+    while pos > 0 and (raw[pos] & 0xC0) == 0x80:  # never inside a UTF-8 sequence
+        pos -= 1
+    return pos
+
+
+def _iter_single_file(path: str, size: int, val_fraction: float, stats: dict):
+    """One big document, streamed in ~1 MB blocks: yields (split, text, starts_document).
+    Its last val_fraction of bytes, from a line start, is the validation part (as nanoGPT
+    splits Tiny Shakespeare); each part starts with one <|endoftext|>."""
+    val_at = int(size * (1 - val_fraction))
+    starts = {"train": True, "val": True}
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise RuntimeError(f"cannot read {path} ({e.strerror}); check that it exists and is readable.") from None
+    with f:
+        if _is_binary(f.read(8192)):
+            stats["skipped_binary"] += 1
+            return
+        f.seek(0)
+        buf, offset, split, eof, want = b"", 0, "train", False, BATCH_BYTES
+        while buf or not eof:
+            if not eof and len(buf) < want:
+                data = f.read(BATCH_BYTES)
+                eof, buf = not data, buf + data
+                continue
+            end = len(buf) if eof else _safe_cut(buf, len(buf))
+            if end <= 0:
+                want = len(buf) + BATCH_BYTES  # no safe boundary in this block yet: read more
+                continue
+            want, next_split = BATCH_BYTES, split
+            if split == "train" and offset + end > val_at:
+                end, next_split = _val_cut(buf, val_at - offset, offset == 0), "val"
+            if end:
+                stats["bytes_in"] += end
+                yield split, _decode(buf[:end], stats), starts[split]
+                starts[split] = False
+            buf, offset, split = buf[end:], offset + end, next_split
+
+
+def iter_raw_documents(source: _Source, stats: dict):
+    """Yield (document id, raw text) for every readable text document, in sorted path order.
+    Files are read as bytes and decoded (the same as open(newline=""): no \\r translation).
+    A .jsonl file gives one document per line (its "text" field), streamed line by line;
+    binary or unreadable files are skipped and counted."""
+    for rel, size, _ in source.files:
+        path = os.path.join(source.root, rel)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(8192)
+                if _is_binary(head):
+                    stats["skipped_binary"] += 1
+                    continue
+                if rel.endswith(".jsonl"):
+                    f.seek(0)
+                    yield from _iter_jsonl(f, rel, stats)
+                    continue
+                raw = head + f.read()
+        except OSError as e:
+            stats["skipped_unreadable"] += 1
+            print(f"warning: skipping unreadable {path} ({e.strerror})")
+            continue
+        stats["bytes_in"] += len(raw)
+        yield rel, _decode(raw, stats)
+
+
+def _iter_jsonl(f, rel: str, stats: dict):
+    for lineno, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)["text"]  # bytes in: invalid UTF-8 raises a ValueError here
+            if not isinstance(text, str):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            stats["skipped_bad_jsonl"] += 1
+            continue
+        try:
+            stats["bytes_in"] += len(text.encode("utf-8"))
+        except UnicodeEncodeError:  # subtle: JSON may escape a lone surrogate ("\ud800"), not UTF-8-encodable
+            text = text.encode("utf-8", "replace").decode("utf-8")
+            stats["invalid_utf8_documents"] += 1
+            stats["bytes_in"] += len(text.encode("utf-8"))
+        yield f"{rel}:{lineno}", text
+
+
+# -----------------------------------------------------------------------------
+# Cleaning: small steps, each counted
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # Unicode Cc minus \t (09) and \n (0a)
+_PUNCT = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-",
+                        "\u2014": "-", "\u2026": "...", "\u00a0": " ", "\u202f": " ", "\u2009": " "})
+
+
+def normalize_newlines(text: str, stats: dict) -> str:
+    """\\r\\n and lone \\r become \\n. One line-ending convention means the model never spends
+    capacity (or vocabulary) on Windows/old-Mac endings; in the stdlib only 2 files have them."""
+    if "\r" not in text:
+        return text
+    stats["cr_normalized_documents"] += 1
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def remove_control_chars(text: str, stats: dict) -> str:
+    """Drop C0/C1 control characters except \\n and \\t (and a leading byte-order mark): they
+    are invisible, mostly come from broken conversions, and would otherwise get merges."""
+    if text.startswith("\ufeff"):
+        text = text[1:]
+        stats["control_chars_removed"] += 1
+    text, n = _CONTROL.subn("", text)
+    stats["control_chars_removed"] += n
+    return text
+
+
+def normalize_punctuation(text: str) -> str:
+    """Optional: typographic quotes, dashes, ellipses and no-break spaces -> ASCII."""
+    return text.translate(_PUNCT)
+
+
+def normalize_case(text: str) -> str:
+    """Optional lowercasing. Off by default: case is information (names, sentence starts,
+    and in code Foo vs foo are different identifiers); lowercasing dates from word-count
+    models where sparse statistics mattered, a BPE pays only a few merges for both cases."""
+    return text.lower()
+
+
+def clean_text(text: str, cfg: PrepareConfig, stats: dict) -> str:
+    """The per-document cleaning pipeline, in order: newlines, NFC, control characters,
+    then the optional punctuation and case normalizations."""
+    text = normalize_newlines(text, stats)
+    # NFC (composed) form, so "é" is one code point whether typed as e+U+0301 or U+00E9 and
+    # the tokenizer sees one spelling; NFC, not NFKC, so that "²" or "ﬁ" keep their meaning.
+    text = unicodedata.normalize("NFC", text)
+    text = remove_control_chars(text, stats)
+    if cfg.normalize_punct:
+        text = normalize_punctuation(text)
+    if cfg.lowercase:
+        text = normalize_case(text)
+    return text
+
+
+def _hash64(data) -> int:
+    """64-bit blake2b of a str (as UTF-8) or bytes. A false duplicate among n documents has
+    probability about n**2 / 2**65: 3% at a billion documents, 3e-8 at a million."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def dedup_lines(text: str, seen: set, stats: dict) -> str:
+    """Drop every non-blank line already seen in an earlier document (CCNet, Wenzek et al.
+    2019, removes repeated boilerplate this way). Off by default: in code, lines such as
+    "    return None" repeat legitimately and removing them breaks the program."""
+    out = []
+    for line in text.split("\n"):
+        key = line.strip()
+        if key:
+            h = _hash64(key)
+            if h in seen:
+                stats["lines_deduplicated"] += 1
+                continue
+            seen.add(h)
+        out.append(line)
+    return "\n".join(out)
+
+
+def _in_val(doc_id: str, val_fraction: float) -> bool:
+    # a hash of the path, not a random draw: the same file always lands in the same split, even
+    # when files are added or the order changes, so val never leaks into a later train set.
+    return _hash64(doc_id) / 2**64 < val_fraction
+
+
+def new_stats() -> dict:
+    keys = ("documents_in", "documents_kept", "dropped_short", "dropped_duplicate", "skipped_binary",
+            "skipped_unreadable", "skipped_bad_jsonl", "invalid_utf8_documents", "replacement_chars",
+            "cr_normalized_documents", "control_chars_removed", "lines_deduplicated", "bytes_in", "bytes_out")
+    return dict.fromkeys(keys, 0)
+
+
+def iter_documents(source: _Source, cfg: PrepareConfig, stats: dict):
+    """Yield (split, cleaned text, starts_document, its UTF-8 bytes) for the corpus, in a fixed order.
+
+    Many documents: read, clean, drop short ones and exact duplicates, optionally dedup lines,
+    and send each to val when a hash of its path falls below val_fraction (5% by default: for the
+    stdlib 88 files, 1.8 MB, 540k tokens, far more than an eval reads, while 95% stays for training).
+    One document (Tiny Shakespeare): streamed in blocks, its tail of val_fraction is val.
+    """
+    seen_docs, seen_lines = set(), set()  # 64-bit hashes: ~70 bytes per document or line kept
+    if source.single:
+        rel, size, _ = source.files[0]
+        stats["documents_in"] = 1
+        for split, raw, starts in _iter_single_file(os.path.join(source.root, rel), size, cfg.val_fraction, stats):
+            text = clean_text(raw, cfg, stats)
+            if cfg.dedup_lines:
+                text = dedup_lines(text, seen_lines, stats)
+            if text.strip():
+                stats["documents_kept"] = 1
+            nbytes = len(text.encode("utf-8"))
+            stats["bytes_out"] += nbytes
+            yield split, text, starts, nbytes
+        stats["invalid_utf8_documents"] = min(stats["invalid_utf8_documents"], 1)  # counted per block above
+        return
+    for doc_id, raw in iter_raw_documents(source, stats):
+        stats["documents_in"] += 1
+        text = clean_text(raw, cfg, stats)
+        if len(text.strip()) < cfg.min_chars:
+            stats["dropped_short"] += 1
+            continue
+        data = text.encode("utf-8")
+        if cfg.dedup:
+            h = _hash64(data)
+            if h in seen_docs:
+                stats["dropped_duplicate"] += 1
+                continue
+            seen_docs.add(h)
+        if cfg.dedup_lines:
+            text = dedup_lines(text, seen_lines, stats)
+            if len(text.strip()) < cfg.min_chars:
+                stats["dropped_short"] += 1
+                continue
+            data = text.encode("utf-8")
+        stats["documents_kept"] += 1
+        nbytes = len(data)
+        stats["bytes_out"] += nbytes
+        yield ("val" if _in_val(doc_id, cfg.val_fraction) else "train"), text, True, nbytes
+        if cfg.max_docs and stats["documents_kept"] >= cfg.max_docs:
+            return
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer: train on the train split, or load one
+
+
+def _tokenizer_identity(cfg: PrepareConfig) -> dict:
+    if cfg.tokenizer in TIKTOKEN_NAMES:
+        return {"tiktoken": cfg.tokenizer}
+    if cfg.tokenizer:
+        if not os.path.isfile(cfg.tokenizer):
+            raise FileNotFoundError(f"tokenizer file {cfg.tokenizer} does not exist; pass a file saved by "
+                                    f"tokenizer.py, one of {', '.join(TIKTOKEN_NAMES)}, or nothing to train one.")
+        return {"file_sha256": _sha256_file(cfg.tokenizer)}
+    import tokenizer as tokenizer_module  # its source is part of the fingerprint: new trainer, new data
+    return {"train": {"vocab_size": cfg.vocab_size, "pattern": cfg.pattern, "max_bytes": cfg.tokenizer_max_bytes,
+                      "tokenizer_py_sha256": _sha256_file(tokenizer_module.__file__)}}
+
+
+def build_tokenizer(source: _Source, cfg: PrepareConfig):
+    """Load the tokenizer cfg names, or train a BPE on the cleaned train split (first pass)."""
+    from tokenizer import Tokenizer
+    if cfg.tokenizer in TIKTOKEN_NAMES:
+        return Tokenizer.from_tiktoken(cfg.tokenizer)
+    if cfg.tokenizer:
+        return Tokenizer.load(cfg.tokenizer)
+    budget = {"bytes": 0}
+
+    def train_texts():
+        for split, text, _, nbytes in iter_documents(source, cfg, new_stats()):
+            if split != "train":
+                continue  # subtle: training on val text would make val loss look better than it is
+            budget["bytes"] += nbytes
+            yield text
+            if budget["bytes"] >= cfg.tokenizer_max_bytes:
+                return
+
+    t0 = time.time()
+    tok = Tokenizer.train(train_texts(), cfg.vocab_size, pattern=cfg.pattern)
+    print(f"trained BPE vocab {tok.n_vocab} on {budget['bytes'] / 1e6:.1f} MB of the train split "
+          f"in {time.time() - t0:.1f}s")
+    return tok
+
+
+def choose_dtype(n_vocab: int, asked: str):
+    """uint16 holds ids 0..65535: enough for GPT-2's 50257 but not for cl100k's 100277."""
+    if asked not in ("auto", "uint16", "uint32"):
+        raise ValueError(f"--dtype={asked} is not one of auto, uint16, uint32.")
+    if asked == "uint16" and n_vocab > 2**16:
+        raise ValueError(f"the tokenizer has {n_vocab} ids, too many for --dtype=uint16 (at most 65536); "
+                         f"use --dtype=uint32 or auto.")
+    if asked == "auto":
+        return np.uint16 if n_vocab <= 2**16 else np.uint32
+    return np.uint16 if asked == "uint16" else np.uint32
+
+
+# -----------------------------------------------------------------------------
+# Tokenize and write: bounded batches to worker processes (or threads), shards in order
+
+_WORKER = {}  # per-process state: "tok" and "eot"
+
+
+def _worker_init(tokenizer_path: str) -> None:
+    from tokenizer import Tokenizer
+    tok = Tokenizer.load(tokenizer_path)
+    _WORKER.update(tok=tok, eot=tok.eot_id)
+
+
+def _encode_batch(texts: list, starts: list) -> np.ndarray:
+    """[eot] + encode(text) for every document start, concatenated into one uint32 array."""
+    tok, eot = _WORKER["tok"], _WORKER["eot"]
+    ids = []
+    for text, start in zip(texts, starts):
+        if start:
+            ids.append(eot)
+        ids.extend(tok.encode(text))
+    # array("I") converts a list of ints 3x faster than np.array (7 vs 25 ns per token, measured)
+    return np.frombuffer(array.array("I", ids), dtype=np.uint32)
+
+
+def tokenize_and_write(source: _Source, cfg: PrepareConfig, tok, folder: str, dtype) -> tuple:
+    """Second pass: stream documents, tokenize them in parallel, append tokens to the shards.
+    Returns (splits dict for meta.json, cleaning stats)."""
+    stats = new_stats()
+    writers = {s: _ShardWriter(folder, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
+    split_info = {s: {"documents": 0, "tokens": 0, "bytes": 0, "shards": []} for s in ("train", "val")}
+    # the cores this process may use (a container or taskset can allow fewer than the machine has)
+    workers = cfg.workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    if cfg.backend == "processes" and workers > 1:
+        pool = multiprocessing.get_context().Pool(workers, _worker_init, (os.path.join(folder, "tokenizer.bpe"),))
+        submit = lambda texts, starts: pool.apply_async(_encode_batch, (texts, starts))
+        wait = lambda job: job.get()
+    else:
+        _WORKER.update(tok=tok, eot=tok.eot_id)  # tiktoken releases the GIL while it encodes
+        pool = ThreadPoolExecutor(workers)
+        submit = lambda texts, starts: pool.submit(_encode_batch, texts, starts)
+        wait = lambda job: job.result()
+    pending = deque()  # (split, job) in submission order; bounded, so memory stays flat
+    total = sum(size for _, size, _ in source.files)
+    t0 = last = time.time()
+
+    def drain_one():
+        split, job = pending.popleft()
+        writers[split].add(wait(job))
+
+    try:
+        batches = {s: ([], [], 0) for s in ("train", "val")}
+        for split, text, starts, nbytes in iter_documents(source, cfg, stats):
+            info = split_info[split]
+            info["documents"] += starts
+            info["bytes"] += nbytes  # exact bytes of the text tokenized: bits per byte needs them
+            texts, flags, size = batches[split]
+            texts.append(text)
+            flags.append(starts)
+            size += len(text)
+            batches[split] = (texts, flags, size)
+            if size >= BATCH_BYTES:
+                pending.append((split, submit(texts, flags)))
+                batches[split] = ([], [], 0)
+                while len(pending) > 2 * workers:
+                    drain_one()
+            if time.time() - last > 2:
+                last = time.time()
+                done, dt = stats["bytes_in"], last - t0
+                eta = (total - done) / max(done / dt, 1e-9)
+                print(f"  tokenized {done / 1e6:.1f}/{total / 1e6:.1f} MB, {done / 1e6 / dt:.1f} MB/s, ETA {eta:.0f}s",
+                      flush=True)
+        for split, (texts, flags, _) in batches.items():
+            if texts:
+                pending.append((split, submit(texts, flags)))
+        while pending:
+            drain_one()
+    finally:
+        if isinstance(pool, ThreadPoolExecutor):
+            pool.shutdown(cancel_futures=True)
+        else:
+            pool.terminate()
+            pool.join()
+        for w in writers.values():
+            w.close()
+    dt = time.time() - t0
+    for s, w in writers.items():
+        split_info[s]["tokens"] = w.total
+        split_info[s]["shards"] = w.files
+    mb = stats["bytes_out"] / 1e6
+    print(f"tokenize+write: {mb:.1f} MB in {dt:.1f}s = {mb / max(dt, 1e-9):.1f} MB/s "
+          f"({cfg.backend if workers > 1 else 'threads'}, {workers} workers)")
+    return split_info, stats
+
+
+# -----------------------------------------------------------------------------
+# The whole stage: fingerprint, reuse or rebuild in a temporary folder, then swap it in
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(source: _Source, cfg: PrepareConfig) -> str:
+    """sha256 of everything the output depends on: the input files (path, size, mtime),
+    the options that change tokens, and the tokenizer (its file hash, or the trainer's source)."""
+    skip = ("out_dir", "name", "force", "workers", "backend", "base_url",  # same tokens either way
+            "tokenizer", "vocab_size", "pattern", "tokenizer_max_bytes")  # covered by the tokenizer identity
+    options = {k: v for k, v in asdict(cfg).items() if k not in skip}
+    blob = json.dumps({"format": PREPARE_FORMAT, "label": source.label, "files": source.files,
+                       "single": source.single, "options": options, "tokenizer": _tokenizer_identity(cfg)},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _is_complete(folder: str, fp: str) -> bool:
+    """True when folder holds a finished dataset with this fingerprint and intact files."""
+    try:
+        with open(os.path.join(folder, "meta.json")) as f:
+            meta = json.load(f)
+        if meta.get("fingerprint") != fp:
+            return False
+        if _sha256_file(os.path.join(folder, meta["tokenizer_file"])) != meta["tokenizer_sha256"]:
+            return False
+        for info in meta["splits"].values():
+            if sum(len(open_shard(os.path.join(folder, s))) for s in info["shards"]) != info["tokens"]:
+                return False
+        return True
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+_OUR_FILES = re.compile(r"^((train|val)_\d{3,}\.bin|tokenizer\.bpe|meta\.json)$")
+
+
+def _check_replaceable(folder: str, label: str, force: bool) -> None:
+    """Refuse to replace a folder that holds something else: another dataset (without
+    --force), or files prepare.py did not write (never deleted, even with --force)."""
+    if not os.path.exists(folder):
+        return
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder} exists and is not a folder; remove it or pass --name=OTHER.")
+    foreign = [n for n in os.listdir(folder) if not _OUR_FILES.match(n)]
+    if foreign:
+        raise ValueError(f"{folder} holds files prepare.py did not write ({foreign[0]}, ...); "
+                         f"pass --out_dir or --name to write elsewhere.")
+    try:
+        with open(os.path.join(folder, "meta.json")) as f:
+            other = json.load(f).get("dataset")
+    except (OSError, ValueError, AttributeError):
+        return
+    if other != label and not force:
+        raise ValueError(f"{folder} holds dataset {other!r}, not {label!r}; pass --name=OTHER to keep both "
+                         f"or --force to replace it.")
+
+
+def _validate(cfg: PrepareConfig) -> None:
+    if not 0 <= cfg.val_fraction < 1:
+        raise ValueError(f"--val_fraction={cfg.val_fraction} must lie in [0, 1) "
+                         f"(e.g. 0.05; 0 = the dataset's default).")
+    if not 1 <= cfg.shard_tokens <= 2**31 - 1:
+        raise ValueError(f"--shard_tokens={cfg.shard_tokens} must lie in [1, 2**31 - 1] (an int32 header count).")
+    if cfg.backend not in ("processes", "threads"):
+        raise ValueError(f"--backend={cfg.backend} is not one of processes, threads.")
+    if cfg.dtype not in ("auto", "uint16", "uint32"):
+        raise ValueError(f"--dtype={cfg.dtype} is not one of auto, uint16, uint32.")
+    if cfg.name and (cfg.name.startswith(".") or "/" in cfg.name or os.sep in cfg.name or cfg.name == "downloads"):
+        raise ValueError(f"--name={cfg.name} must be a plain folder name (no path, no leading dot, not downloads).")
+    if cfg.workers < 0 or cfg.min_chars < 0 or cfg.max_docs < 0 or cfg.tokenizer_max_bytes < 1:
+        raise ValueError("--workers, --min_chars and --max_docs must be >= 0 and --tokenizer_max_bytes >= 1.")
+
+
+def prepare(cfg: PrepareConfig) -> str:
+    """Build (or reuse) out_dir/NAME and return its path."""
+    _validate(cfg)
+    if cfg.val_fraction == 0:
+        cfg = replace(cfg, val_fraction=DATASETS.get(cfg.dataset, {}).get("val_fraction", 0.05))
+    source = resolve_source(cfg)
+    folder = os.path.join(cfg.out_dir, source.name)
+    fp = fingerprint(source, cfg)
+    if not cfg.force and _is_complete(folder, fp):
+        print(f"{folder} is up to date (fingerprint {fp[:12]}); pass --force to rebuild.")
+        return folder
+    _check_replaceable(folder, source.label, cfg.force)
+    print(f"preparing {source.label}: {len(source.files)} files, "
+          f"{sum(s for _, s, _ in source.files) / 1e6:.1f} MB -> {folder}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    # Everything is built in a hidden sibling folder and swapped in at the end: a run that is
+    # interrupted leaves no meta.json in folder that a later run (or train.py) could trust.
+    tmp = os.path.join(cfg.out_dir, f".{source.name}.tmp-{os.getpid()}")
+    old = os.path.join(cfg.out_dir, f".{source.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        tok = build_tokenizer(source, cfg)
+        dtype = choose_dtype(tok.n_vocab, cfg.dtype)
+        tok.save(os.path.join(tmp, "tokenizer.bpe"))
+        splits, stats = tokenize_and_write(source, cfg, tok, tmp, dtype)
+        if stats["documents_kept"] == 0:
+            raise ValueError(f"nothing left of {source.label} after cleaning ({_summary(stats)}); "
+                             f"lower --min_chars or check the input.")
+        for s in ("train", "val"):
+            if splits[s]["tokens"] == 0:
+                raise ValueError(f"the {s} split of {source.label} is empty ({splits['train']['documents']} "
+                                 f"train, {splits['val']['documents']} val documents); adjust --val_fraction "
+                                 f"or add documents.")
+        meta = {"dataset": source.label, "fingerprint": fp, "tokenizer_file": "tokenizer.bpe",
+                "tokenizer_sha256": _sha256_file(os.path.join(tmp, "tokenizer.bpe")),
+                "vocab_size": tok.n_vocab, "eot_id": tok.eot_id, "dtype": np.dtype(dtype).name,
+                "splits": splits, "cleaning": stats, "config": asdict(cfg)}
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+        if os.path.exists(folder):
+            os.rename(folder, old)
+        os.rename(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.exists(old) and not os.path.exists(folder):
+            os.rename(old, folder)  # the swap failed half-way: put the previous dataset back
+        shutil.rmtree(old, ignore_errors=True)
+    print(f"cleaning: {_summary(stats)}")
+    for s in ("train", "val"):
+        i = splits[s]
+        print(f"{s}: {i['documents']} documents, {i['tokens']:,} tokens, {i['bytes']:,} bytes "
+              f"({i['bytes'] / max(i['tokens'] - i['documents'], 1):.2f} bytes/token), shards {', '.join(i['shards'])}")
+    print(f"wrote {folder} (vocab {tok.n_vocab}, {np.dtype(dtype).name})")
+    return folder
+
+
+def _summary(stats: dict) -> str:
+    return ", ".join(f"{k} {v:,}" for k, v in stats.items() if v or k in ("documents_in", "documents_kept"))
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def main(argv=None) -> None:
+    from tokenizer import parse_config
+    cfg = parse_config(PrepareConfig, argv)
+    print("config: " + " ".join(f"--{k}={v}" for k, v in asdict(cfg).items()))
+    try:
+        prepare(cfg)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"prepare.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("prepare.py: interrupted; no output was written (partial files are removed)", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
