@@ -24,12 +24,17 @@ import threading
 import unicodedata
 import math
 from dataclasses import asdict
+import signal
+import time
+import io
+import shutil
 import pytest
 import tiktoken
 import tiktoken.load
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.nn as nn
 
 import tokenizer
 from tokenizer import SPECIAL_TOKENS, Tokenizer, parse_config
@@ -38,6 +43,12 @@ from prepare import SHARD_MAGIC, PrepareConfig, open_shard, write_shard
 from tokenizer import Tokenizer
 import model
 from model import GPT, PRESETS, GPTConfig, KVCache, peak_flops, sample_logits
+import train
+from prepare import write_shard
+import model as _sample_model_mod
+import sample
+import bench
+from model import GPT, PRESETS, GPTConfig
 
 
 # -----------------------------------------------------------------------------
@@ -1334,3 +1345,922 @@ def test_model_cuda_bf16_sdpa_matches_fp32():
     out = m.generate(idx[:, :4], 8, temperature=0)
     assert out.shape == (2, 12)
     assert peak_flops("cuda") is None or peak_flops("cuda") > 1e13
+
+
+# -----------------------------------------------------------------------------
+# train.py: pretraining
+
+"""Tests for train.py: tiny models on a tiny Shakespeare dataset built in a temporary directory."""
+
+
+
+
+_TRAIN_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) if os.path.basename(
+    os.path.dirname(os.path.abspath(__file__))) == "parts" else os.path.dirname(os.path.abspath(__file__))
+_TRAIN_TEXT = os.path.join(_TRAIN_ROOT, "..", "shared", "data", "tinyshakespeare.txt")
+
+
+def _train_write_dataset(path, tok, train_ids, val_ids, train_text, val_text):
+    os.makedirs(path, exist_ok=True)
+    tok.save(os.path.join(path, "tokenizer.bpe"))
+    write_shard(os.path.join(path, "train_000.bin"), train_ids)
+    write_shard(os.path.join(path, "val_000.bin"), val_ids)
+    with open(os.path.join(path, "tokenizer.bpe"), "rb") as f:
+        sha = __import__("hashlib").sha256(f.read()).hexdigest()
+    split = lambda ids, text, name: {"documents": 1, "tokens": len(ids), "bytes": len(text.encode()), "shards": [name]}
+    meta = {"dataset": "tiny", "fingerprint": "test", "tokenizer_file": "tokenizer.bpe", "tokenizer_sha256": sha,
+            "vocab_size": tok.n_vocab, "eot_id": tok.eot_id, "dtype": "uint16",
+            "splits": {"train": split(train_ids, train_text, "train_000.bin"), "val": split(val_ids, val_text, "val_000.bin")},
+            "cleaning": {}}
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def _train_data(tmp_path_factory):
+    """A ~40 KB Shakespeare dataset with a 300-token BPE: (data_dir, tokenizer)."""
+    with open(_TRAIN_TEXT, encoding="utf-8") as f:
+        text = f.read()[:40000]
+    tok = Tokenizer.train(text[:20000], 300)
+    train_text, val_text = text[:36000], text[36000:]
+    train_ids = [tok.eot_id] + tok.encode(train_text)
+    val_ids = [tok.eot_id] + tok.encode(val_text)
+    path = _train_write_dataset(tmp_path_factory.mktemp("traindata") / "tiny", tok, train_ids, val_ids, train_text, val_text)
+    return path, tok
+
+
+def _train_cfg(data_dir, out_dir, **kw):
+    base = dict(dataset=data_dir, out_dir=str(out_dir), device="cpu", n_layer=2, n_head=2, n_kv_head=2, n_embd=32,
+                block_size=32, batch_size=4, max_steps=6, warmup_steps=2, learning_rate=3e-3, eval_interval=3,
+                eval_batches=2, log_interval=100, sample_tokens=0, dropout=0.0)
+    base.update(kw)
+    return train.TrainConfig(**base)
+
+
+def _train_weights(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=True)["model"]
+
+
+# -----------------------------------------------------------------------------
+
+
+def test_train_loss_falls_and_checkpoint_reloads(_train_data, tmp_path):
+    data_dir, tok = _train_data
+    out = tmp_path / "out"
+    s = train.train(_train_cfg(data_dir, out, max_steps=40, eval_interval=20, sample_tokens=8))
+    # reference: the same fixed validation windows scored by the untrained model with the same seed
+    torch.manual_seed(1337)
+    fresh = train.GPT(train.resolve_model_config(_train_cfg(data_dir, out), tok.n_vocab))
+    before = train.evaluate_bpb(fresh, data_dir, batch_size=4, max_windows=8)
+    assert before["loss"] == pytest.approx(math.log(fresh.config.vocab_size), abs=0.3)  # init ~ uniform
+    assert s["val_loss"] < before["loss"] - 1.0 and s["step"] == 40
+    # the checkpoint loads with weights_only=True and reproduces the reported validation loss
+    ck = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert {"model", "model_config", "config", "optimizer", "step", "tokens_seen", "data_position", "rng",
+            "best_val_loss", "tokenizer", "vocab_size", "dataset"} <= set(ck)
+    assert not any(k.startswith("_orig_mod.") for k in ck["model"])
+    assert ck["vocab_size"] == tok.n_vocab and ck["model_config"]["vocab_size"] % 64 == 0
+    model, _ = train.load_checkpoint(str(out / "ckpt.pt"))
+    again = train.evaluate_bpb(model, data_dir, batch_size=4, max_windows=8)
+    assert again["loss"] == pytest.approx(s["val_loss"], abs=1e-5)
+    meta = json.load(open(os.path.join(data_dir, "meta.json")))["splits"]["val"]
+    assert s["val_bpb"] == pytest.approx(s["val_loss"] / math.log(2) * meta["tokens"] / meta["bytes"])
+    # outputs: best.pt, the tokenizer copy, the log and the plot
+    assert open(out / "tokenizer.bpe", "rb").read() == open(os.path.join(data_dir, "tokenizer.bpe"), "rb").read()
+    assert os.path.exists(out / "best.pt") and "<polyline" in open(out / "loss.svg").read()
+    rows = [json.loads(l) for l in open(out / "log.jsonl")]
+    assert rows[-1]["val_loss"] == pytest.approx(s["val_loss"]) and any("norm" in r for r in rows)
+
+
+def test_train_overfits_one_batch(_train_data, tmp_path):
+    data_dir, tok = _train_data
+    one = tmp_path / "one"
+    ids = [tok.eot_id] + tok.encode("To be, or not to be, that is the question: whether 'tis nobler in the mind")[:32]
+    _train_write_dataset(one, tok, ids, ids, "x" * 90, "x" * 90)  # one window of 32+1 tokens: every batch is that window
+    s = train.train(_train_cfg(str(one), tmp_path / "o", max_steps=150, learning_rate=1e-2, warmup_steps=5, min_lr_ratio=1.0,
+                               eval_interval=150, eval_batches=1))
+    assert s["train_loss"] < 0.05, s
+
+
+def test_train_accumulation_and_checkpointing_give_same_gradients(_train_data):
+    data_dir, tok = _train_data
+    cfg = _train_cfg(data_dir, "unused")
+    meta = train.load_meta(data_dir)
+    data = train.TokenWindows(data_dir, meta, "train", 32, seed=1)
+    torch.manual_seed(0)
+    model = train.GPT(train.resolve_model_config(cfg, tok.n_vocab))
+    batch_fn = lambda lo, hi: train.to_device(data.rows_at(0, lo, hi, 8, "random"), torch.device("cpu"))
+
+    def grads(micro_bs, accum, ckpt=False):
+        model.zero_grad(set_to_none=True)
+        model.grad_checkpoint = ckpt
+        loss = train.accumulate_gradients(model, batch_fn, micro_bs, accum, __import__("contextlib").nullcontext())
+        return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+    ref_loss, ref = grads(8, 1)
+    for micro_bs, accum, ckpt in ((4, 2, False), (1, 8, False), (8, 1, True), (2, 4, True)):
+        loss, g = grads(micro_bs, accum, ckpt)
+        assert loss == pytest.approx(ref_loss, abs=1e-6)
+        for a, b in zip(ref, g):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_train_resume_is_bit_identical(_train_data, tmp_path):
+    data_dir, _ = _train_data
+    kw = dict(max_steps=8, eval_interval=4, dropout=0.1, log_interval=1)
+    straight = train.train(_train_cfg(data_dir, tmp_path / "a", **kw))
+    train.train(_train_cfg(data_dir, tmp_path / "b", stop_step=4, **kw))
+    resumed = train.train(_train_cfg(data_dir, tmp_path / "b", resume=True, **kw))
+    assert resumed["step"] == straight["step"] == 8
+    wa, wb = _train_weights(tmp_path / "a"), _train_weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    loss = lambda d: [r["loss"] for r in map(json.loads, open(d / "log.jsonl")) if "loss" in r]
+    assert loss(tmp_path / "a") == loss(tmp_path / "b") and len(loss(tmp_path / "a")) == 8
+    assert resumed["val_loss"] == straight["val_loss"]
+
+
+def test_train_sequential_sampling_resumes_too(_train_data, tmp_path):
+    data_dir, _ = _train_data
+    kw = dict(max_steps=4, eval_interval=2, sampling="sequential")
+    train.train(_train_cfg(data_dir, tmp_path / "a", **kw))
+    train.train(_train_cfg(data_dir, tmp_path / "b", stop_step=2, **kw))
+    train.train(_train_cfg(data_dir, tmp_path / "b", resume=True, **kw))
+    wa, wb = _train_weights(tmp_path / "a"), _train_weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_train_oom_fallback_keeps_global_batch(_train_data, tmp_path, monkeypatch):
+    data_dir, _ = _train_data
+    ref = train.train(_train_cfg(data_dir, tmp_path / "ref", max_steps=3, batch_size=4))
+    monkeypatch.setitem(train.FAULTS, "oom", 1)  # the first micro-step raises a CUDA-style OOM
+    s = train.train(_train_cfg(data_dir, tmp_path / "oom", max_steps=3, batch_size=4))
+    assert (s["batch_size"], s["grad_accum"]) == (2, 2) and (ref["batch_size"], ref["grad_accum"]) == (4, 1)
+    wa, wb = _train_weights(tmp_path / "ref"), _train_weights(tmp_path / "oom")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+    monkeypatch.setitem(train.FAULTS, "oom", 100)
+    with pytest.raises(RuntimeError, match="out of memory with micro-batch 1"):
+        train.train(_train_cfg(data_dir, tmp_path / "oom2", max_steps=3, batch_size=4))
+
+
+def test_train_nan_step_is_skipped(_train_data, tmp_path, monkeypatch):
+    data_dir, _ = _train_data
+    train.train(_train_cfg(data_dir, tmp_path / "ref", max_steps=4, stop_step=2))
+    monkeypatch.setitem(train.FAULTS, "nan_steps", (2, 3))  # the last two steps see a NaN loss
+    s = train.train(_train_cfg(data_dir, tmp_path / "nan", max_steps=4))
+    assert s["skipped_steps"] == 2 and s["step"] == 4 and math.isfinite(s["val_loss"])
+    wa, wb = _train_weights(tmp_path / "ref"), _train_weights(tmp_path / "nan")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # no update at all from the skipped steps
+    # three in a row: reload the last checkpoint (step 3) with half the learning rate
+    monkeypatch.setitem(train.FAULTS, "nan_steps", (3, 4, 5))
+    s = train.train(_train_cfg(data_dir, tmp_path / "nan3", max_steps=8, eval_interval=3))
+    ck = torch.load(tmp_path / "nan3" / "ckpt.pt", weights_only=True)
+    assert s["skipped_steps"] == 3 and ck["lr_scale"] == 0.5 and math.isfinite(s["val_loss"])
+    monkeypatch.setitem(train.FAULTS, "nan_steps", (0, 1, 2))  # no checkpoint yet: a clear stop
+    with pytest.raises(RuntimeError, match="diverged"):
+        train.train(_train_cfg(data_dir, tmp_path / "nan4", max_steps=8, eval_interval=5))
+
+
+def test_train_ddp_two_processes_match_one(_train_data, tmp_path):
+    data_dir, _ = _train_data
+    args = [f"--dataset={data_dir}", "--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
+            "--batch_size=2", "--total_batch_size=128", "--max_steps=3", "--warmup_steps=1", "--eval_interval=3", "--learning_rate=3e-3",
+            "--eval_batches=2", "--sample_tokens=0", "--dropout=0.0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           f"--out_dir={tmp_path / 'ddp'}", *args]
+    r = subprocess.run(cmd, cwd=_TRAIN_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "2 processes x 1 accumulation" in r.stdout
+    one = train.train(_train_cfg(data_dir, tmp_path / "one", batch_size=2, total_batch_size=128, max_steps=3,
+                                 warmup_steps=1, eval_interval=3))
+    assert one["grad_accum"] == 2
+    wa, wb = _train_weights(tmp_path / "one"), _train_weights(tmp_path / "ddp")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_train_schedule_shapes():
+    cfg = train.TrainConfig(max_steps=100, warmup_steps=10, min_lr_ratio=0.1, schedule="cosine")
+    assert train.lr_factor(0, cfg) == pytest.approx(0.1) and train.lr_factor(9, cfg) == pytest.approx(1.0)
+    assert train.lr_factor(10, cfg) == pytest.approx(1.0) and train.lr_factor(100, cfg) == pytest.approx(0.1)
+    assert train.lr_factor(55, cfg) == pytest.approx(0.55)  # cosine midpoint: halfway between 1 and 0.1
+    assert train.lr_factor(20, cfg, time_frac=0.5) == pytest.approx(0.55)  # the clock can run ahead of the steps
+    w = train.TrainConfig(max_steps=100, warmup_steps=10, min_lr_ratio=0.0, schedule="wsd", decay_frac=0.2)
+    assert train.lr_factor(79, w) == 1.0 and train.lr_factor(90, w) == pytest.approx(0.5)
+
+
+def test_train_bad_inputs(_train_data, tmp_path, monkeypatch):
+    data_dir, tok = _train_data
+    # config errors through the command line: one sentence, non-zero exit
+    with pytest.raises(SystemExit) as e:
+        train.main(["--learning_rat=1e-3"])
+    assert e.value.code == 2
+    with pytest.raises(ValueError, match="not a multiple"):
+        train.train(_train_cfg(data_dir, tmp_path / "x", total_batch_size=100))
+    with pytest.raises(ValueError, match="block_size"):
+        train.train(_train_cfg(data_dir, tmp_path / "x", block_size=4096))
+    open(tmp_path / "file", "w").close()
+    with pytest.raises(RuntimeError, match="cannot write"):
+        train.train(_train_cfg(data_dir, tmp_path / "file" / "out"))
+    # resuming with another model shape
+    train.train(_train_cfg(data_dir, tmp_path / "r", max_steps=2, eval_interval=2))
+    with pytest.raises(ValueError, match="n_layer=2 \\(now 3\\)"):
+        train.train(_train_cfg(data_dir, tmp_path / "r", max_steps=4, n_layer=3, resume=True))
+    # a full disk while saving: clear error, the previous checkpoint intact
+    before = open(tmp_path / "r" / "ckpt.pt", "rb").read()
+
+    def full_disk(obj, path):
+        open(path, "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train.torch, "save", full_disk)
+    with pytest.raises(RuntimeError, match="No space left"):
+        train.train(_train_cfg(data_dir, tmp_path / "r", max_steps=4, eval_interval=2, resume=True))
+    monkeypatch.undo()
+    assert open(tmp_path / "r" / "ckpt.pt", "rb").read() == before and not os.path.exists(tmp_path / "r" / "ckpt.pt.tmp")
+    # a corrupt shard and a tokenizer that is not the data's
+    bad = tmp_path / "bad"
+    _train_write_dataset(bad, tok, [1, 2, 3] * 100, [1, 2, 3] * 100, "a" * 300, "a" * 300)
+    with open(bad / "train_000.bin", "r+b") as f:
+        f.write(b"\0\0\0\0")
+    with pytest.raises(ValueError):
+        train.train(_train_cfg(str(bad), tmp_path / "y"))
+    _train_write_dataset(bad, tok, [1, 2, 3] * 100, [1, 2, 3] * 100, "a" * 300, "a" * 300)
+    Tokenizer.train("something else entirely " * 50, 280).save(str(bad / "tokenizer.bpe"))
+    with pytest.raises(ValueError, match="tokenizer"):
+        train.train(_train_cfg(str(bad), tmp_path / "y"))
+    r = subprocess.run([sys.executable, "train.py", f"--dataset={tmp_path / 'nowhere'}", "--device=cpu"],
+                       cwd=_TRAIN_ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_train_sigterm_saves_and_exits_cleanly(_train_data, tmp_path):
+    data_dir, _ = _train_data
+    out = tmp_path / "sig"
+    cmd = [sys.executable, "train.py", f"--dataset={data_dir}", f"--out_dir={out}", "--device=cpu", "--n_layer=1",
+           "--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=2", "--max_steps=100000", "--log_interval=1",
+           "--eval_interval=100000", "--sample_tokens=0", "--eval_batches=1"]
+    p = subprocess.Popen(cmd, cwd=_TRAIN_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (os.path.exists(out / "log.jsonl") and os.path.getsize(out / "log.jsonl") > 0):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 0, stderr
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert "got SIGTERM" in stdout and 0 < ck["step"] < 100000
+
+
+def test_train_prepares_a_missing_dataset_in_process(tmp_path):
+    # a text file as --dataset: train.py runs prepare.py's pipeline on it first, then trains
+    with open(_TRAIN_TEXT, encoding="utf-8") as f:
+        (tmp_path / "plays.txt").write_text(f.read()[:30000], encoding="utf-8")
+    s = train.train(train.TrainConfig(dataset=str(tmp_path / "plays.txt"), data_dir=str(tmp_path / "data"),
+                                      out_dir=str(tmp_path / "out"), device="cpu", n_layer=1, n_embd=32, n_head=2,
+                                      block_size=16, batch_size=2, max_steps=2, eval_batches=1, sample_tokens=4))
+    meta = json.load(open(tmp_path / "data" / "plays" / "meta.json"))
+    ck = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert s["step"] == 2 and ck["vocab_size"] == meta["vocab_size"] and ck["dataset"] == str(tmp_path / "data" / "plays")
+
+
+# -----------------------------------------------------------------------------
+# sample.py: generation and chat
+
+"""Tests for sample.py: decoding loop, sampling filters, streaming, chat REPL, loading, errors.
+
+The checkpoint is built here in train.py's format (a tiny random GPT + a small BPE), so these
+tests do not depend on running train.py. References: the model without a KV cache, a second
+run, model.generate, hand-computed distributions, tokenizer.decode.
+"""
+
+
+
+
+_sample_ROOT = os.path.dirname(os.path.abspath(sample.__file__))
+_sample_EXTRA = "Caf\u00e9 cr\u00e8me, \u00fcber na\u00efve \u20ac5 \u65e5\u672c \U0001f642.\n"  # multi-byte characters
+
+
+def _sample_text() -> str:
+    for base in (_sample_ROOT, os.path.dirname(_sample_ROOT)):
+        path = os.path.join(base, "..", "shared", "data", "tinyshakespeare.txt")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                return f.read(30_000)
+    return "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 200
+
+
+def _sample_write_ckpt(out_dir, tok, seed=0, block_size=64):
+    """A tiny random GPT saved as train.py saves it: ckpt.pt + tokenizer.bpe in out_dir."""
+    os.makedirs(out_dir, exist_ok=True)
+    padded = -(-tok.n_vocab // 64) * 64  # train.py pads the vocabulary to a multiple of 64
+    cfg = _sample_model_mod.GPTConfig(
+        vocab_size=padded, block_size=block_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, norm="layernorm",
+        mlp="gelu", pos="learned", rope_theta=10000.0, bias=True, dropout=0.0, tie_embeddings=True, norm_eps=1e-5)
+    torch.manual_seed(seed)
+    m = _sample_model_mod.GPT(cfg)
+    with torch.no_grad():  # sharper than the 0.02-std init, so greedy argmaxes are far from ties
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    tok.save(os.path.join(out_dir, "tokenizer.bpe"))
+    ckpt = {"model": m.state_dict(), "model_config": asdict(cfg), "config": {}, "optimizer": {}, "step": 0,
+            "tokens_seen": 0, "data_position": {}, "rng": {}, "best_val_loss": float("inf"),
+            "tokenizer": "tokenizer.bpe", "vocab_size": tok.n_vocab, "dataset": ""}
+    torch.save(ckpt, os.path.join(out_dir, "ckpt.pt"))
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def sample_env_module(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sample")
+    tok = Tokenizer.train(_sample_text() + _sample_EXTRA, vocab_size=300)
+    out_dir = _sample_write_ckpt(str(root / "out"), tok)
+    model, tok2, vocab_limit = sample.load_for_sampling(out_dir)
+    return {"root": root, "out_dir": out_dir, "model": model, "tok": tok2, "vocab_limit": vocab_limit}
+
+
+@pytest.fixture
+def sample_env(sample_env_module):
+    # subtle: on 2 busy shared cores, torch's 2 OpenMP threads make these tiny matmuls ~20x
+    # slower than 1 thread (they spin waiting for each other); restored after each test
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield sample_env_module
+    torch.set_num_threads(n)
+
+
+def _sample_run(env, ids, n, **kw):
+    idx = torch.tensor(ids, dtype=torch.long)
+    kw.setdefault("vocab_limit", env["vocab_limit"])
+    return [list(r) for r in zip(*sample.generate_stream(env["model"], idx, n, **kw))]
+
+
+@torch.no_grad()
+def _sample_argmax_chain(model, ids, n, vocab_limit):
+    """Reference greedy decoding: full forward pass over the whole context every step, no cache."""
+    idx = torch.tensor(ids, dtype=torch.long)
+    for _ in range(n):
+        logits, _ = model(idx)
+        nxt = logits[:, -1, :vocab_limit].argmax(-1, keepdim=True)
+        idx = torch.cat([idx, nxt], 1)
+    return idx[:, len(ids[0]):].tolist()
+
+
+# -----------------------------------------------------------------------------
+# decoding loop
+
+
+def test_sample_load_pads_vocab_and_limits_it(sample_env):
+    m, tok, vl = sample_env["model"], sample_env["tok"], sample_env["vocab_limit"]
+    assert vl == tok.n_vocab and m.config.vocab_size % 64 == 0 and m.config.vocab_size > vl
+    assert not m.training
+
+
+def test_sample_greedy_cached_equals_uncached_argmax_chain(sample_env):
+    tok, m = sample_env["tok"], sample_env["model"]
+    prompt = tok.encode("ROMEO:\nWhat light")
+    ids = [prompt, tok.encode("And so to bed, my lord; good night to all")[: len(prompt)]]
+    assert len(ids[0]) == len(ids[1])
+    ref = _sample_argmax_chain(m, ids, 30, sample_env["vocab_limit"])
+    assert _sample_run(sample_env, ids, 30, temperature=0.0) == ref
+    assert _sample_run(sample_env, ids, 30, temperature=0.0, use_cache=False) == ref
+    # and model.generate, the library path, agrees with this loop
+    out = m.generate(torch.tensor(ids), 30, temperature=0.0, vocab_limit=sample_env["vocab_limit"])
+    assert out[:, len(prompt):].tolist() == ref
+    assert all(t < sample_env["vocab_limit"] for r in ref for t in r)
+
+
+def test_sample_seeded_runs_repeat_and_seeds_differ(sample_env):
+    ids = [sample_env["tok"].encode("KING:")] * 3
+    run = lambda seed: _sample_run(sample_env, ids, 25, temperature=1.0,
+                                   generator=torch.Generator().manual_seed(seed))
+    a, b, c = run(1), run(1), run(2)
+    assert a == b and a != c
+    assert a[0] != a[1]  # rows of one batch draw different random numbers
+
+
+def test_sample_top_k_only_emits_top_k_tokens(sample_env):
+    m, vl, k = sample_env["model"], sample_env["vocab_limit"], 3
+    ids = [sample_env["tok"].encode("the")] * 4
+    rows = _sample_run(sample_env, ids, 30, temperature=2.0, top_k=k, generator=torch.Generator().manual_seed(0))
+    full = torch.tensor([p + r for p, r in zip(ids, rows)])
+    with torch.no_grad():  # teacher-forced logits at every position, from the model without a cache
+        logits, _ = m(full[:, :-1], targets=full[:, 1:])
+    T0, seen_rank = len(ids[0]), set()
+    for b in range(4):
+        for j, t in enumerate(rows[b]):
+            order = logits[b, T0 - 1 + j, :vl].argsort(descending=True).tolist()
+            assert order.index(t) < k
+            seen_rank.add(order.index(t))
+    assert len(seen_rank) > 1  # temperature 2 really samples, so the test is not trivially greedy
+
+
+def test_sample_top_p_mass_rule_and_min_p_on_crafted_distribution(sample_env):
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(4000, 4).clone()
+    g = torch.Generator().manual_seed(0)
+    for top_p, allowed in [(0.75, 2), (0.85, 3), (0.97, 4)]:
+        x = sample.sample_logits(logits.clone(), temperature=1.0, top_p=top_p, generator=g)[:, 0]
+        counts = torch.bincount(x, minlength=4).float() / len(x)
+        assert set(x.tolist()) == set(range(allowed))  # the smallest prefix with mass >= top_p
+        expect = probs[:allowed] / probs[:allowed].sum()  # renormalized inside the nucleus
+        assert torch.allclose(counts[:allowed], expect, atol=0.03)
+    ctx = torch.zeros(1, 1, dtype=torch.long)
+    for min_p, kept in [(0.2, 3), (0.5, 2), (0.9, 1)]:  # cut at min_p * 0.5
+        out = sample.process_logits(probs.log()[None].clone(), ctx, min_p=min_p)
+        assert torch.isfinite(out[0]).sum().item() == kept
+    # repetition penalty (CTRL): a seen positive logit is divided, a seen negative one multiplied
+    out = sample.process_logits(torch.tensor([[2.0, -2.0, 1.0]]), torch.tensor([[0, 1, 1]]), repetition_penalty=2.0)
+    assert out.tolist() == [[1.0, -4.0, 1.0]]
+
+
+def test_sample_stops_at_end_token_and_finished_rows_repeat_it(sample_env):
+    ids = [sample_env["tok"].encode("To be, or")] * 1
+    full = _sample_run(sample_env, ids, 20, temperature=0.0)[0]
+    stop = full[5]
+    first = full.index(stop)
+    assert _sample_run(sample_env, ids, 20, temperature=0.0, stop_ids=[stop]) == [full[: first + 1]]
+    # two rows that stop at different steps: the early one repeats its stop id until the other ends
+    other = sample_env["tok"].encode("Good morrow, kind sir, and well met")[: len(ids[0])]
+    assert len(other) == len(ids[0])
+    full2 = _sample_run(sample_env, [other], 20, temperature=0.0)[0]
+    rows = _sample_run(sample_env, ids + [other], 20, temperature=0.0, stop_ids=[stop])
+    n = max(first + 1, full2.index(stop) + 1 if stop in full2 else 20)
+    assert rows[0] == full[: first + 1] + [stop] * (n - first - 1)
+    assert rows[1] == full2[:n]
+
+
+def test_sample_ragged_prompts_match_each_prompt_alone(sample_env):
+    tok, m = sample_env["tok"], sample_env["model"]
+    prompts = [tok.encode("O"), tok.encode("Now is the winter of our discontent"), tok.encode("Hark, hark")]
+    assert len({len(p) for p in prompts}) == 3
+    batch = sample.generate_batch(m, prompts, 12, temperature=0.0, vocab_limit=sample_env["vocab_limit"])
+    alone = [sample.generate_batch(m, [p], 12, temperature=0.0, vocab_limit=sample_env["vocab_limit"])[0]
+             for p in prompts]
+    assert batch == alone
+    T = max(len(p) for p in prompts)  # and model.generate's own left-padded path agrees
+    idx = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
+    out = m.generate(idx, 12, temperature=0.0, vocab_limit=sample_env["vocab_limit"], prompt_lens=[len(p) for p in prompts])
+    assert out[:, T:].tolist() == batch
+
+
+# -----------------------------------------------------------------------------
+# streaming, prompts, CLI
+
+
+def test_sample_utf8_stream_holds_back_split_characters(sample_env):
+    tok = sample_env["tok"]
+    text = "na\u00efve caf\u00e9 \u20ac \u65e5\u672c \U0001f642!"
+    ids = tok.encode(text)
+    pieces = [tok.decode_bytes([t]) for t in ids]
+    split = [p for p in pieces if _sample_incomplete(p)]
+    assert split, "the test needs a character split across tokens"
+    naive = "".join(tok.decode([t]) for t in ids)
+    assert "\ufffd" in naive  # decoding token by token would print garbage
+    out = io.StringIO()
+    stream = sample.Utf8Stream(tok, out)
+    chunks = [stream.write([t]) for t in ids] + [stream.close()]
+    assert all("\ufffd" not in c for c in chunks)
+    assert out.getvalue() == "".join(chunks) == text == tok.decode(ids)
+    raw = sample.Utf8Stream(tok)  # the docstring's example: ids 0..255 are the single bytes
+    assert (raw.write([0xC3]), raw.write([0xA9]), raw.close()) == ("", "\u00e9", "")
+
+
+def _sample_incomplete(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return False
+    except UnicodeDecodeError:
+        return True
+
+
+def test_sample_fit_context_truncates_from_the_left():
+    ids, n, warning = sample.fit_context(list(range(10)), block_size=8, max_new_tokens=3)
+    assert ids == list(range(5, 10)) and n == 3 and "dropped the oldest 5" in warning
+    ids, n, warning = sample.fit_context(list(range(3)), block_size=8, max_new_tokens=100)
+    assert ids == [0, 1, 2] and n == 5 and "cut to 5" in warning
+    assert sample.fit_context([1, 2], 8, 3) == ([1, 2], 3, "")
+
+
+def test_sample_cli_greedy_prints_prompt_and_reference_continuation(sample_env, capsys):
+    tok = sample_env["tok"]
+    prompt = "MENENIUS:\nWhy, masters"
+    sample.main([f"--out_dir={sample_env['out_dir']}", f"--prompt={prompt}", "--max_new_tokens=15",
+                 "--temperature=0", "--device=cpu"])
+    cap = capsys.readouterr()
+    new = _sample_argmax_chain(sample_env["model"], [tok.encode(prompt)], 15, sample_env["vocab_limit"])[0]
+    new = new[: new.index(tok.eot_id)] if tok.eot_id in new else new
+    assert cap.out == prompt + tok.decode(new) + "\n"
+    assert "prefill:" in cap.err and "decode:" in cap.err and "tok/s" in cap.err
+
+
+def test_sample_cli_long_prompt_file_is_truncated_with_warning(sample_env, capsys, tmp_path):
+    tok, block = sample_env["tok"], sample_env["model"].config.block_size
+    path = tmp_path / "p.txt"
+    path.write_text(_sample_text()[:2000], encoding="utf-8")
+    sample.main([f"--out_dir={sample_env['out_dir']}", f"--prompt=FILE:{path}", "--max_new_tokens=8",
+                 "--temperature=0", "--stream=False"])
+    cap = capsys.readouterr()
+    assert "warning: prompt has" in cap.err
+    kept = tok.encode(path.read_text(encoding="utf-8"))[-(block - 8):]
+    new = _sample_argmax_chain(sample_env["model"], [kept], 8, sample_env["vocab_limit"])[0]
+    new = new[: new.index(tok.eot_id)] if tok.eot_id in new else new
+    assert cap.out == tok.decode(kept + new) + "\n"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--out_dir={root}/missing"], "does not exist"),
+    (["--out_dir={root}/notok"], "tokenizer.bpe is missing"),
+    (["--out_dir={root}"], "no best.pt or ckpt.pt in"),
+    (["--top_p=1.5"], "top_p=1.5 is outside (0, 1]"),
+    (["--temperature=-1"], "temperature=-1.0 is negative"),
+    (["--prompt=FILE:{root}/nope.txt"], "prompt file"),
+])
+def test_sample_cli_bad_input_one_sentence(sample_env, capsys, args, words):
+    root = sample_env["root"]
+    if not (root / "notok").exists():
+        shutil.copytree(sample_env["out_dir"], root / "notok")
+        os.remove(root / "notok" / "tokenizer.bpe")
+    argv = [a.format(root=root) for a in args]
+    if not any(a.startswith("--out_dir") for a in argv):
+        argv.append(f"--out_dir={sample_env['out_dir']}")
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv)
+    assert e.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and words in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+def test_sample_hf_dir_gives_the_same_tokens(sample_env, tmp_path):
+    m, tok = sample_env["model"], sample_env["tok"]
+    m.save_hf(str(tmp_path / "hf"))
+    with pytest.raises(FileNotFoundError, match="has no tokenizer.bpe"):  # and a 320-id vocab is not GPT-2's
+        sample.load_for_sampling(hf=str(tmp_path / "hf"))
+    shutil.copy(os.path.join(sample_env["out_dir"], "tokenizer.bpe"), tmp_path / "hf")
+    m2, tok2, vl2 = sample.load_for_sampling(hf=str(tmp_path / "hf"))
+    ids = [tok.encode("Thou art")]
+    env2 = dict(sample_env, model=m2)
+    assert _sample_run(env2, ids, 12, temperature=0.0, vocab_limit=vl2) == _sample_run(sample_env, ids, 12, temperature=0.0)
+
+
+# -----------------------------------------------------------------------------
+# chat
+
+
+def test_sample_chat_history_trimmed_to_window(sample_env):
+    tok = sample_env["tok"]
+    msgs = [{"role": "system", "content": "Be brief."}]
+    for i in range(12):
+        msgs += [{"role": "user", "content": f"question {i} about the king"}, {"role": "assistant", "content": "Aye."}]
+    msgs.append({"role": "user", "content": "last one"})
+    ids, kept, warning = sample.chat_prompt_ids(tok, msgs, 40)
+    assert len(ids) <= 40 and "trimmed" in warning
+    assert kept[0] == msgs[0] and kept[1]["role"] == "user" and kept[1:] == msgs[-(len(kept) - 1):]
+    assert ids == tok.encode_chat(kept, add_generation_prompt=True)[0]
+    longer = sample.chat_prompt_ids(tok, [msgs[0]] + msgs[-(len(kept) + 1):], 40)
+    assert longer[1] == kept  # one turn more would not have fit
+
+
+def test_sample_chat_repl_through_a_pipe(sample_env):
+    tok, m, vl = sample_env["tok"], sample_env["model"], sample_env["vocab_limit"]
+    stop = [tok.special_tokens["<|end|>"], tok.eot_id]
+
+    def reply(messages):  # the reference: model.generate on the chat template
+        ids, _ = tok.encode_chat(messages, add_generation_prompt=True)
+        out = m.generate(torch.tensor([ids]), 10, temperature=0.0, eos_id=stop, vocab_limit=vl)[0, len(ids):].tolist()
+        return tok.decode([t for t in out[: next((i for i, t in enumerate(out) if t in stop), len(out))]])
+
+    r1 = reply([{"role": "user", "content": "Hello there"}])
+    r2 = reply([{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": r1},
+                {"role": "user", "content": "Who are you"}])
+    proc = subprocess.run(
+        [sys.executable, "sample.py", f"--out_dir={sample_env['out_dir']}", "--chat", "--temperature=0",
+         "--max_new_tokens=10", "--device=cpu", "--threads=1"],
+        input="Hello there\nWho are you\n/reset\nHello there\n/exit\nnever read\n",
+        capture_output=True, text=True, cwd=_sample_ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"{r1}\n{r2}\n{r1}\n"  # /reset: the third answer is the first again
+    assert "(history cleared)" in proc.stderr and "decode:" in proc.stderr
+
+
+# -----------------------------------------------------------------------------
+# bench.py: speed, budgets and evals
+
+"""Tests for bench.py: budget arithmetic against hand-computed values, the multiple-choice
+scorer on a model whose answer is certain and against a row-by-row reference, bits per byte
+against an independent window loop, and toy-size speed, ladder and inference runs."""
+
+
+
+
+_BENCH_TEXT = os.path.join(os.path.dirname(os.path.abspath(bench.__file__)), "..", "shared", "data", "tinyshakespeare.txt")
+_BENCH_MC = os.path.join(os.path.dirname(os.path.abspath(bench.__file__)), "evals", "mc_tiny.jsonl")
+
+
+def _bench_tiny_config(**kw) -> GPTConfig:
+    base = dict(vocab_size=100, block_size=32, n_layer=2, n_head=2, n_embd=32)
+    base.update(kw)
+    return GPTConfig(**base)
+
+
+@pytest.fixture
+def _bench_one_thread():
+    """One torch thread: on a shared, busy CPU two spinning OpenMP threads make toy-size ops
+    ~10x slower and the timings noisy. Restored afterwards for the rest of the suite."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# -----------------------------------------------------------------------------
+# Budget
+
+
+def test_bench_budget_gpt2_124m_on_10b_tokens():
+    # by hand: 6 * 124e6 * 10e9 = 7.44e18 FLOPs; H100 at 40% of 989e12: 7.44e18 / 3.956e14 / 3600 = 5.22413 h
+    b = bench.training_budget(124e6, 10e9, mfu=0.4, gpus=["H100", "A100"], price=2.0)
+    assert b["flops"] == pytest.approx(7.44e18, rel=1e-12)
+    h100, a100 = b["gpus"]
+    assert h100["gpu_hours"] == pytest.approx(5.224132, rel=1e-6)
+    assert a100["gpu_hours"] == pytest.approx(16.559829, rel=1e-6)  # 7.44e18 / (0.4 * 312e12) / 3600
+    assert h100["cost"] == pytest.approx(2.0 * 5.224132, rel=1e-6)
+    # Chinchilla default: 20 tokens per parameter
+    assert bench.training_budget(124e6)["tokens"] == pytest.approx(2.48e9)
+    with pytest.raises(ValueError, match="PEAK_BF16_FLOPS"):
+        bench.training_budget(124e6, gpus=["TPU v9"])
+    with pytest.raises(ValueError):
+        bench.training_budget(124e6, mfu=1.5)
+
+
+def test_bench_budget_preset_adds_attention(capsys):
+    n, attn = bench.count_params_and_attention(GPTConfig(**PRESETS["gpt2"]))
+    # by hand: 124,439,808 parameters minus wpe (1024 x 768); attention 12 * L * C * T = 12 * 12 * 768 * 1024
+    assert n == 124_439_808 - 1024 * 768 == 123_653_376
+    assert attn == 12 * 12 * 768 * 1024 == 113_246_208
+    bench.main(["--budget", "--preset=gpt2", "--tokens=10e9", "--gpus=H100", "--json"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1  # --json: exactly one machine-readable line
+    res = json.loads(out[0])
+    assert res["flops"] == pytest.approx((6 * 123_653_376 + 113_246_208) * 10e9, rel=1e-12)  # 8.5517e18
+    assert res["gpus"][0]["gpu_hours"] == pytest.approx(8.55166464e18 / (0.4 * 989e12) / 3600, rel=1e-9)
+
+
+# -----------------------------------------------------------------------------
+# Multiple choice
+
+
+class _BenchNextIsPlusOne(nn.Module):
+    """A fake LM whose logits give `logit` to token cur+1 and 0 to every other id, so every
+    score has a closed form: log p(right) = logit - log(e^logit + V - 1), log p(wrong) = -log(...)."""
+
+    def __init__(self, V=50, logit=10.0, block_size=64):
+        super().__init__()
+        self.V, self.logit = V, logit
+        self.config = GPTConfig(vocab_size=V, block_size=block_size, n_layer=1, n_head=1, n_embd=8)
+
+    def forward(self, idx, targets=None):
+        logits = torch.zeros(*idx.shape, self.V)
+        logits.scatter_(-1, ((idx + 1) % self.V).unsqueeze(-1), self.logit)
+        return logits, None
+
+
+def test_bench_mc_scorer_certain_answer_and_normalization():
+    m = _BenchNextIsPlusOne()
+    z = math.log(math.exp(10.0) + 49)
+    right, wrong = 10.0 - z, -z
+    ctx = [1, 2, 3]
+    # certain: only ending 2 continues the +1 pattern
+    ex1 = (ctx, [[9, 9], [5, 5], [4, 5, 6], [7]])
+    # summed vs normalized disagree: A has one miss in 10 tokens, B one miss in 2
+    ex2 = (ctx, [[4, 5, 6, 7, 20, 21, 22, 23, 24, 25], [4, 9]])
+    (s1, n1), (s2, n2) = bench.score_endings(m, [ex1, ex2], batch_size=4, device=torch.device("cpu"))
+    assert max(range(4), key=s1.__getitem__) == 2 and max(range(4), key=n1.__getitem__) == 2
+    assert s1[2] == pytest.approx(3 * right, abs=1e-4)
+    assert s1[0] == pytest.approx(2 * wrong, abs=1e-4)
+    assert s2[0] == pytest.approx(9 * right + wrong, abs=1e-4) and n2[0] == pytest.approx((9 * right + wrong) / 10, abs=1e-4)
+    assert s2[1] == pytest.approx(right + wrong, abs=1e-4) and n2[1] == pytest.approx((right + wrong) / 2, abs=1e-4)
+    assert s2[1] > s2[0] and n2[0] > n2[1]  # the sum prefers the short ending, the per-token mean the long one
+
+
+def _bench_reference_scores(model, ctx, endings):
+    """Row by row, no padding, no batching: the slow path the batched scorer must match."""
+    T = model.config.block_size
+    out = []
+    for end in endings:
+        row = (ctx + end)[-(T + 1):]
+        x = torch.tensor([row[:-1]])
+        logits, _ = model(x, torch.tensor([row[1:]]))
+        out.append(-F.cross_entropy(logits[0, -len(end):], torch.tensor(end), reduction="sum").item())
+    return out
+
+
+@pytest.mark.usefixtures("_bench_one_thread")
+def test_bench_mc_batched_matches_row_by_row():
+    torch.manual_seed(0)
+    model = GPT(_bench_tiny_config(block_size=16)).eval()
+    g = torch.Generator().manual_seed(1)
+    examples = []
+    for n_ctx in (3, 7, 20):  # 20 + ending > 16 + 1: the oldest context tokens are dropped
+        ctx = torch.randint(0, 100, (n_ctx,), generator=g).tolist()
+        ends = [torch.randint(0, 100, (k,), generator=g).tolist() for k in (1, 4, 2, 6)]
+        examples.append((ctx, ends))
+    got = bench.score_endings(model, examples, batch_size=3, device=torch.device("cpu"))
+    for (ctx, ends), (s, n) in zip(examples, got):
+        ref = _bench_reference_scores(model, ctx, ends)
+        assert s == pytest.approx(ref, abs=1e-4)
+        assert n == pytest.approx([r / len(e) for r, e in zip(ref, ends)], abs=1e-4)
+
+
+def test_bench_read_mc_formats(tmp_path):
+    items = bench.read_mc(_BENCH_MC)
+    assert len(items) == 32  # the count README_bench states
+    assert all(len(it["endings"]) == 4 and 0 <= it["label"] < 4 for it in items)
+    assert len({it["label"] for it in items}) == 4  # the right answer is not always in one place
+    # a line in HellaSwag's own format: ctx_a/ctx_b, a string label, extra fields
+    hs = {"ind": 24, "activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.",
+          "ctx_b": "he", "endings": ["is using wrap.", "is ripping shingles.", "is holding a rubik's cube.",
+                                     "starts pulling up roofing."], "source_id": "activitynet~v_-JhWjGDPHMY",
+          "split": "val", "split_type": "indomain", "label": "3"}
+    p = tmp_path / "hs.jsonl"
+    p.write_text(json.dumps(hs) + "\n\n" + json.dumps(dict(hs, ctx="A man is sitting on a roof. he", label=1)) + "\n")
+    a, b = bench.read_mc(str(p))
+    assert a == {"ctx": "A man is sitting on a roof. he", "endings": hs["endings"], "label": 3}
+    assert b["label"] == 1
+    p.write_text(json.dumps(dict(hs, label=7)) + "\n")
+    with pytest.raises(ValueError, match="line 1"):
+        bench.read_mc(str(p))
+    p.write_text(json.dumps({k: v for k, v in hs.items() if k != "label"}) + "\n")
+    with pytest.raises(ValueError, match="label"):
+        bench.read_mc(str(p))
+
+
+# -----------------------------------------------------------------------------
+# Evals through a real checkpoint: bits per byte and multiple choice
+
+
+@pytest.fixture(scope="module")
+def _bench_ckpt(tmp_path_factory):
+    from tokenizer import Tokenizer
+    d = tmp_path_factory.mktemp("bench_ckpt")
+    with open(_BENCH_TEXT, encoding="utf-8") as f:
+        text = f.read()[:20000]
+    tok = Tokenizer.train(text, 300)
+    tok.save(str(d / "tokenizer.bpe"))
+    cfg = _bench_tiny_config(vocab_size=320, block_size=64)  # padded past tok.n_vocab, as train.py does
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(cfg), "tokenizer": "tokenizer.bpe",
+                "vocab_size": tok.n_vocab, "step": 0}, str(d / "ckpt.pt"))
+    return d, model.eval(), tok
+
+
+@pytest.mark.usefixtures("_bench_one_thread")
+def test_bench_bpb_equals_loss_over_ln2_times_tokens_per_byte(_bench_ckpt, tmp_path):
+    d, model, tok = _bench_ckpt
+    with open(_BENCH_TEXT, encoding="utf-8") as f:
+        text = f.read()[30000:31000] + " caf\u00e9 \u2014 na\u00efve"  # some multi-byte characters too
+    path = tmp_path / "val.txt"
+    path.write_text(text, encoding="utf-8")
+    res = bench.run(bench.BenchConfig(eval="bpb", ckpt=str(d / "ckpt.pt"), data=str(path), eval_batch=3))
+    # reference: one window at a time, summed cross-entropy straight from the logits
+    ids, T = [tok.eot_id] + tok.encode(text), model.config.block_size
+    nats, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(ids) - 1, T):
+            w = torch.tensor(ids[i:i + T + 1])
+            logits, _ = model(w[None, :-1], w[None, 1:])
+            nats += F.cross_entropy(logits[0], w[1:], reduction="sum").item()
+            n += len(w) - 1
+    n_bytes = len(text.encode("utf-8"))
+    assert res["tokens"] == n == len(ids) - 1 and res["bytes"] == n_bytes
+    assert res["bpb"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
+    assert res["bpb"] == pytest.approx(res["loss"] / math.log(2) * res["tokens"] / res["bytes"], rel=1e-12)
+
+
+@pytest.mark.usefixtures("_bench_one_thread")
+def test_bench_bpb_on_prepared_val_split(_bench_ckpt, tmp_path):
+    import hashlib
+    from prepare import write_shard
+    d, model, tok = _bench_ckpt
+    with open(_BENCH_TEXT, encoding="utf-8") as f:
+        text = f.read()[40000:41500]
+    ids = [tok.eot_id] + tok.encode(text)
+    write_shard(str(tmp_path / "val_000.bin"), ids)
+    sha = hashlib.sha256((d / "tokenizer.bpe").read_bytes()).hexdigest()
+    split = {"documents": 1, "tokens": len(ids), "bytes": len(text.encode("utf-8")), "shards": ["val_000.bin"]}
+    meta = {"tokenizer_file": "tokenizer.bpe", "tokenizer_sha256": sha, "vocab_size": tok.n_vocab,
+            "eot_id": tok.eot_id, "dtype": "uint16", "splits": {"train": split, "val": split}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    res = bench.run(bench.BenchConfig(eval="bpb", ckpt=str(d / "ckpt.pt"), data=str(tmp_path), eval_batch=4))
+    # reference: every non-overlapping window of T+1 tokens, stride T, one at a time
+    T, losses = model.config.block_size, []
+    with torch.no_grad():
+        for k in range((len(ids) - 1) // T):
+            w = torch.tensor(ids[k * T:k * T + T + 1])
+            losses.append(F.cross_entropy(model(w[None, :-1], w[None, 1:])[0][0], w[1:]).item())
+    loss = sum(losses) / len(losses)
+    assert res["tokens"] == len(losses) * T and res["loss"] == pytest.approx(loss, rel=1e-5)
+    assert res["bpb"] == pytest.approx(loss / math.log(2) * split["tokens"] / split["bytes"], rel=1e-5)
+    meta["tokenizer_sha256"] = "0" * 64  # a dataset made with another tokenizer is refused
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="different tokenizer"):
+        bench.run(bench.BenchConfig(eval="bpb", ckpt=str(d / "ckpt.pt"), data=str(tmp_path)))
+
+
+@pytest.mark.usefixtures("_bench_one_thread")
+def test_bench_mc_cli_matches_reference(_bench_ckpt, capsys):
+    d, model, tok = _bench_ckpt
+    bench.main(["--eval=mc", f"--ckpt={d / 'ckpt.pt'}", f"--data={_BENCH_MC}", "--eval_batch=24", "--json"])
+    res = json.loads(capsys.readouterr().out.strip())
+    items = bench.read_mc(_BENCH_MC)
+    hit_sum = hit_norm = 0
+    for it in items:
+        ends = [tok.encode(" " + e) for e in it["endings"]]
+        ref = _bench_reference_scores(model, [tok.eot_id] + tok.encode(it["ctx"]), ends)
+        hit_sum += max(range(4), key=ref.__getitem__) == it["label"]
+        hit_norm += max(range(4), key=lambda j: ref[j] / len(ends[j])) == it["label"]
+    assert res["items"] == len(items) and res["chance"] == pytest.approx(0.25)
+    assert res["acc_sum"] == pytest.approx(hit_sum / len(items))
+    assert res["acc_norm"] == pytest.approx(hit_norm / len(items))
+
+
+def test_bench_cli_errors_are_one_sentence(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--eval=mc", f"--ckpt={tmp_path / 'none.pt'}"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "--data" in err and len(err.splitlines()) == 1
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--budget", "--params=1e9", "--gpus=H100,TPU"])
+    assert e.value.code == 1 and "TPU" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# Speed at toy size: sane numbers
+
+
+@pytest.mark.usefixtures("_bench_one_thread")
+def test_bench_train_speed_sane():
+    cfg = _bench_tiny_config()
+    steps = 4
+    t0 = time.perf_counter()
+    r = bench.measure_train_speed(cfg, bench.Recipe(batch_size=2), torch.device("cpu"), steps=steps, warmup=1,
+                                  matmul_size=256)
+    wall = time.perf_counter() - t0
+    assert r["tokens_per_sec"] == pytest.approx(2 * 32 / (r["ms_per_step"] / 1e3), rel=1e-9)
+    # at least half the timed steps took the median or longer, so the wall clock bounds it
+    assert wall >= (steps // 2) * r["ms_per_step"] / 1e3
+    # FLOPs by hand: 6N + 12 * L * C * T, N counted here without wpe (tied wte counted once)
+    m = GPT(cfg)
+    n = sum(p.numel() for p in m.parameters()) - 32 * 32
+    assert r["params"] == n and r["flops_per_token"] == 6 * n + 12 * 2 * 32 * 32
+    assert r["achieved_flops"] == pytest.approx(r["flops_per_token"] * r["tokens_per_sec"])
+    assert r["mfu"] is None  # a CPU has no datasheet peak: no MFU, only the honest ratio
+    assert 0 < r["flops_ratio_vs_matmul"] < 2 and r["measured_matmul_flops"] > 1e8
+    assert r["peak_mem_bytes"] > 10 * 2**20 and r["peak_mem_kind"] == "process max RSS"
+
+
+@pytest.mark.usefixtures("_bench_one_thread")
+def test_bench_ladder_cpu_rungs_and_gains():
+    cfg = bench.BenchConfig(batch_size=2, steps=2, warmup=1, matmul_size=256)
+    res = bench.run_ladder(cfg, torch.device("cpu"), _bench_tiny_config())
+    names = [r["step"] for r in res["rows"]]
+    expect = ["fp32"] + (["bf16 autocast"] if bench.cpu_bf16_native() else []) + \
+             ["SDPA flash attention", "fused AdamW", "vocab padded to 128", "micro-batch x2"]
+    assert names == expect
+    skipped = {s["step"]: s["reason"] for s in res["skipped"]}
+    assert "TF32 matmuls" in skipped and "torch.compile" in skipped and all(skipped.values())
+    rows = res["rows"]
+    assert rows[0]["recipe"]["sdpa"] is False and rows[-1]["recipe"]["sdpa"] is True  # cumulative
+    assert rows[-2]["vocab_size"] == 128 and rows[-1]["batch_size"] == 4
+    for prev, r in zip(rows, rows[1:]):
+        assert r["tokens_per_sec"] > 0 and r["gain"] == pytest.approx(r["tokens_per_sec"] / prev["tokens_per_sec"])
+    assert "not MFU" in bench.format_ladder(res)
+    assert bench.default_batch(torch.device("cpu")) == 4  # BenchConfig.batch_size's comment
+
+
+@pytest.mark.usefixtures("_bench_one_thread")
+def test_bench_inference_cache_agrees():
+    torch.manual_seed(0)
+    model = GPT(_bench_tiny_config(block_size=48)).eval()
+    r = bench.measure_inference(model, batch_size=2, context=24, new_tokens=8, device=torch.device("cpu"), reps=1)
+    assert r["same_tokens"]  # the cached and uncached decoders did the same work
+    for k in ("prefill_tokens_per_sec_cache", "prefill_tokens_per_sec_no_cache",
+              "decode_tokens_per_sec_cache", "decode_tokens_per_sec_no_cache"):
+        assert 0 < r[k] < 1e9
+    with pytest.raises(ValueError, match="block_size"):
+        bench.measure_inference(model, 1, 40, 16, torch.device("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bench_cuda_speed_has_mfu():
+    dev = torch.device("cuda")
+    r = bench.measure_train_speed(_bench_tiny_config(vocab_size=128, block_size=128),
+                                  bench.Recipe(tf32=True, amp=True, fused=True, batch_size=8), dev, steps=3, warmup=2)
+    if bench.peak_flops(dev) is not None:
+        assert 0 < r["mfu"] < 1
+    assert r["peak_mem_kind"] == "cuda max_memory_allocated" and r["peak_mem_bytes"] > 0
