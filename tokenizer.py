@@ -590,10 +590,14 @@ def parse_config(cls, argv: list | None = None):
         doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n\n")[0]
         comments = _field_comments(cls)
         print(doc + "\n\noptions (--key=value):")
+        rows = []
         for name, f in fields.items():
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
-            print(f"  --{name}={default!s:<14} {comments.get(name, '')}")
+            rows.append((f"--{name}={default}", comments.get(name, "")))
+        width = min(max(len(left) for left, _ in rows), 40)
+        for left, comment in rows:
+            print(f"  {left:<{width}}  {comment}")
         raise SystemExit(0)
     values = {}
     try:
