@@ -35,6 +35,7 @@ import torch
 
 from model import GPT, sample_logits
 from tokenizer import Tokenizer, parse_config
+from train import choose_device, load_checkpoint  # one device rule and one checkpoint reader for the project
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -80,39 +81,6 @@ def check_sampling_args(temperature: float, top_k, top_p, min_p: float, repetiti
 
 
 # -----------------------------------------------------------------------------
-# Device and dtype: decided once, printed with the reason
-
-
-def pick_device(name: str) -> tuple[torch.device, str]:
-    if name != "auto":
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise ValueError(f"--device={name} is not a device name; use auto, cpu, cuda, cuda:1 or mps") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device={name} but this machine has no usable CUDA GPU; use --device=cpu or auto")
-        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise ValueError(f"--device={name} but Apple MPS is not available here; use --device=cpu or auto")
-        return device, "asked with --device"
-    if torch.cuda.is_available():
-        return torch.device("cuda"), "CUDA is available"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps"), "no CUDA, Apple MPS is available"
-    return torch.device("cpu"), "no CUDA or MPS found"
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        # subtle: is_bf16_supported() is a CUDA API; only ask it when the device is CUDA
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in table:
-        raise ValueError(f"dtype={name!r} is unknown; use auto, float32, bfloat16 or float16")
-    return table[name]
-
-
-# -----------------------------------------------------------------------------
 # Loading: one code path for a training out_dir and for a Hugging Face directory
 
 
@@ -155,7 +123,6 @@ def load_for_sampling(out_dir: str | None = None, hf: str | None = None, device=
     if not paths:
         raise FileNotFoundError(f"no {' or '.join(names)} in {out_dir}; train first (python train.py --out_dir={out_dir}) "
                                 f"or point --out_dir at the directory that holds the checkpoint")
-    from train import load_checkpoint  # the one checkpoint reader of the project
     model, ckpt = load_checkpoint(paths[0], device=device)
     tok_path = os.path.join(out_dir, ckpt.get("tokenizer") or "tokenizer.bpe")
     if not os.path.exists(tok_path):
@@ -468,8 +435,9 @@ def run(cfg: SampleConfig) -> SpeedStats:
         raise ValueError("num_samples and max_new_tokens must be at least 1")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    device, why = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
+    # decided once, with the reason, by the same rule as training (cfg has .device and .dtype);
+    # on a CUDA GPU without bf16 that rule picks fp16, which is also fine for inference
+    device, dtype, why = choose_device(cfg)
     print(f"device: {device} ({why}), dtype: {str(dtype).replace('torch.', '')}", file=sys.stderr)
     print("config: " + " ".join(f"{k}={v!r}" for k, v in asdict(cfg).items()), file=sys.stderr)
     model, tok, vocab_limit = load_for_sampling(cfg.out_dir, cfg.hf or None, device, cfg.ckpt)
