@@ -409,17 +409,11 @@ def test_tokenizer_cli_train_encode_stats(tmp_path):
 # -----------------------------------------------------------------------------
 # prepare.py: corpus -> shards
 
-"""Tests for prepare.py: shard format, cleaning counts, exact bytes, splits, downloads, idempotence.
-
-Run from the project root: python -m pytest parts/test_prepare.py -q
-"""
-
-
-
+# Tests for prepare.py: shard format, cleaning counts, exact bytes, splits, downloads, idempotence.
 
 
 def _prepare_shared_file(name):
-    # the shared data folder sits beside the project root; this file may live in parts/ or at the root
+    # the shared data folder sits beside the project root (../shared/data)
     here = os.path.dirname(os.path.abspath(__file__))
     for up in ("..", os.path.join("..", "..")):
         p = os.path.join(here, up, "shared", "data", name)
@@ -854,12 +848,9 @@ def test_prepare_bad_input(tmp_path, _prepare_tok, capsys):
 # -----------------------------------------------------------------------------
 # model.py: the GPT
 
-"""Tests for model.py: each compares against an independent reference (Hugging Face
-transformers, torch.nn.MultiheadAttention, the manual attention path, a full forward
-pass, single-row generation, hand-counted formulas)."""
-
-
-
+# Tests for model.py: each compares against an independent reference (Hugging Face
+# transformers, torch.nn.MultiheadAttention, the manual attention path, a full forward
+# pass, single-row generation, hand-counted formulas).
 
 
 def _model_cfg(style: str = "llama", **overrides) -> GPTConfig:
@@ -1350,13 +1341,10 @@ def test_model_cuda_bf16_sdpa_matches_fp32():
 # -----------------------------------------------------------------------------
 # train.py: pretraining
 
-"""Tests for train.py: tiny models on a tiny Shakespeare dataset built in a temporary directory."""
+# Tests for train.py: tiny models on a tiny Shakespeare dataset built in a temporary directory.
 
 
-
-
-_TRAIN_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) if os.path.basename(
-    os.path.dirname(os.path.abspath(__file__))) == "parts" else os.path.dirname(os.path.abspath(__file__))
+_TRAIN_ROOT = os.path.dirname(os.path.abspath(__file__))
 _TRAIN_TEXT = os.path.join(_TRAIN_ROOT, "..", "shared", "data", "tinyshakespeare.txt")
 
 
@@ -1468,7 +1456,7 @@ def test_train_accumulation_and_checkpointing_give_same_gradients(_train_data):
 
 def test_train_resume_is_bit_identical(_train_data, tmp_path):
     data_dir, _ = _train_data
-    kw = dict(max_steps=8, eval_interval=4, dropout=0.1, log_interval=1)
+    kw = dict(max_steps=8, eval_interval=4, dropout=0.1, log_interval=1, optimizer="adamw")  # Muon: its own test
     straight = train.train(_train_cfg(data_dir, tmp_path / "a", **kw))
     train.train(_train_cfg(data_dir, tmp_path / "b", stop_step=4, **kw))
     resumed = train.train(_train_cfg(data_dir, tmp_path / "b", resume=True, **kw))
@@ -1539,6 +1527,44 @@ def test_train_ddp_two_processes_match_one(_train_data, tmp_path):
     wa, wb = _train_weights(tmp_path / "one"), _train_weights(tmp_path / "ddp")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("adjust", ["match_rms_adamw", "original"])
+def test_train_muon32_matches_torch_muon(adjust):
+    # reference: torch.optim.Muon itself (Newton-Schulz in bfloat16), so agreement is to bf16 precision
+    torch.manual_seed(0)
+    shapes = [(96, 32), (32, 96), (32, 32), (96, 32)]  # tall, wide, square, and two of one shape (batched)
+    ours = [torch.randn(s) for s in shapes]
+    ref, start = [p.clone() for p in ours], [p.clone() for p in ours]
+    kw = dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn=adjust)
+    o1, o2 = train.Muon32([{"params": ours}], **kw), torch.optim.Muon([{"params": ref}], **kw)
+    for _ in range(3):
+        for a, b in zip(ours, ref):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        o1.step()
+        o2.step()
+    for a, b, s in zip(ours, ref, start):
+        assert ((a - s) - (b - s)).norm() / (b - s).norm() < 2e-2
+    # the state is torch.optim.Muon's, so a checkpoint moves between the two
+    o2.load_state_dict(o1.state_dict())
+    assert torch.equal(o2.state[ref[0]]["momentum_buffer"], o1.state[ours[0]]["momentum_buffer"])
+
+
+def test_train_muon_run_learns_and_resumes(_train_data, tmp_path):
+    data_dir, _ = _train_data
+    kw = dict(optimizer="muon", max_steps=16, eval_interval=8, log_interval=1)
+    straight = train.train(_train_cfg(data_dir, tmp_path / "a", **kw))
+    train.train(_train_cfg(data_dir, tmp_path / "b", stop_step=8, **kw))
+    resumed = train.train(_train_cfg(data_dir, tmp_path / "b", resume=True, **kw))
+    wa, wb = _train_weights(tmp_path / "a"), _train_weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa) and resumed["val_loss"] == straight["val_loss"]
+    ck = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    assert ck["optimizer_muon"]["state"] and ck["config"]["optimizer"] == "muon"
+    first = json.loads(open(tmp_path / "a" / "log.jsonl").readline())["loss"]
+    assert straight["train_loss"] < first - 0.5, (first, straight["train_loss"])
+    with pytest.raises(ValueError, match="--optimizer=muon"):  # an AdamW run cannot resume a Muon checkpoint
+        train.train(_train_cfg(data_dir, tmp_path / "a", optimizer="adamw", resume=True, max_steps=20, eval_interval=8))
 
 
 def test_train_schedule_shapes():
@@ -1628,14 +1654,11 @@ def test_train_prepares_a_missing_dataset_in_process(tmp_path):
 # -----------------------------------------------------------------------------
 # sample.py: generation and chat
 
-"""Tests for sample.py: decoding loop, sampling filters, streaming, chat REPL, loading, errors.
-
-The checkpoint is built here in train.py's format (a tiny random GPT + a small BPE), so these
-tests do not depend on running train.py. References: the model without a KV cache, a second
-run, model.generate, hand-computed distributions, tokenizer.decode.
-"""
-
-
+# Tests for sample.py: decoding loop, sampling filters, streaming, chat REPL, loading, errors.
+#
+# The checkpoint is built here in train.py's format (a tiny random GPT + a small BPE), so these
+# tests do not depend on running train.py. References: the model without a KV cache, a second
+# run, model.generate, hand-computed distributions, tokenizer.decode.
 
 
 _sample_ROOT = os.path.dirname(os.path.abspath(sample.__file__))
@@ -1949,11 +1972,9 @@ def test_sample_chat_repl_through_a_pipe(sample_env):
 # -----------------------------------------------------------------------------
 # bench.py: speed, budgets and evals
 
-"""Tests for bench.py: budget arithmetic against hand-computed values, the multiple-choice
-scorer on a model whose answer is certain and against a row-by-row reference, bits per byte
-against an independent window loop, and toy-size speed, ladder and inference runs."""
-
-
+# Tests for bench.py: budget arithmetic against hand-computed values, the multiple-choice
+# scorer on a model whose answer is certain and against a row-by-row reference, bits per byte
+# against an independent window loop, and toy-size speed, ladder and inference runs.
 
 
 _BENCH_TEXT = os.path.join(os.path.dirname(os.path.abspath(bench.__file__)), "..", "shared", "data", "tinyshakespeare.txt")
