@@ -1567,6 +1567,19 @@ def test_train_muon_run_learns_and_resumes(_train_data, tmp_path):
         train.train(_train_cfg(data_dir, tmp_path / "a", optimizer="adamw", resume=True, max_steps=20, eval_interval=8))
 
 
+def test_train_device_defaults_keep_explicit_choices():
+    cpu = torch.device("cpu")
+    d = train.resolve_config(train.TrainConfig(), cpu)
+    assert (d.optimizer, d.schedule, d.decay_frac, d.batch_size) == ("muon", "wsd", 0.4, 16)
+    e = train.resolve_config(train.TrainConfig(optimizer="adamw", schedule="cosine", learning_rate=1e-3), cpu)
+    assert (e.optimizer, e.schedule, e.learning_rate) == ("adamw", "cosine", 1e-3)
+    g = train.resolve_config(train.TrainConfig(), torch.device("cuda"))  # resolves names only; touches no GPU
+    assert (g.optimizer, g.schedule, g.preset) == ("adamw", "cosine", "gpt2")
+    import platform
+    if platform.libc_ver()[0] == "glibc":  # mallopt is glibc's; elsewhere it is a no-op returning False
+        assert train.keep_freed_memory() is True
+
+
 def test_train_schedule_shapes():
     cfg = train.TrainConfig(max_steps=100, warmup_steps=10, min_lr_ratio=0.1, schedule="cosine")
     assert train.lr_factor(0, cfg) == pytest.approx(0.1) and train.lr_factor(9, cfg) == pytest.approx(1.0)
@@ -1587,6 +1600,10 @@ def test_train_bad_inputs(_train_data, tmp_path, monkeypatch):
         train.train(_train_cfg(data_dir, tmp_path / "x", total_batch_size=100))
     with pytest.raises(ValueError, match="block_size"):
         train.train(_train_cfg(data_dir, tmp_path / "x", block_size=4096))
+    with pytest.raises(ValueError, match="--optimizer=sgd is not one of adamw, muon"):
+        train.train(_train_cfg(data_dir, tmp_path / "x", optimizer="sgd"))
+    with pytest.raises(ValueError, match="--decay_frac=1.5 must be in"):
+        train.train(_train_cfg(data_dir, tmp_path / "x", schedule="wsd", decay_frac=1.5))
     open(tmp_path / "file", "w").close()
     with pytest.raises(RuntimeError, match="cannot write"):
         train.train(_train_cfg(data_dir, tmp_path / "file" / "out"))

@@ -110,7 +110,7 @@ class TrainConfig:
 # Llama-style model (RMSNorm, SwiGLU, RoPE, tied embeddings) trained with Muon on the hidden
 # matrices, 16 x 64 tokens a step, lr 4e-3 held, then decayed linearly over the last 40%
 # (warmup-stable-decay). Chosen by wall clock on Tiny Shakespeare (70 s runs, README
-# "Measurements"): Muon beat AdamW by ~0.13 bits/byte at equal time once its Newton-Schulz
+# "Measurements"): Muon beat AdamW by ~0.1 bits/byte at equal time once its Newton-Schulz
 # iteration ran in fp32 (Muon32); 16 rows a step beat 8 and 32; wsd beat cosine; lr 4e-3 and
 # 6e-3 tied, 2-3e-3 lost. 2000 steps take about 5 minutes on 2 cores. CUDA: GPT-2 small
 # (124M) with AdamW and 256K-token batches; pystdlib is only ~8.5M tokens, so the run is ~12
