@@ -339,7 +339,7 @@ def hidden_matrices(model: GPT) -> set:
 class Muon32(getattr(torch.optim, "Muon", torch.optim.Optimizer)):  # torch < 2.9 has no Muon: never used there
     """torch.optim.Muon with its Newton-Schulz iteration in float32, for CPUs. The built-in one
     runs the iteration in bfloat16, right on GPUs but emulated slowly on CPUs without bf16 matrix
-    units: 670-790 ms a step for the 4 x 128 CPU model on 2 cores, against 23-30 ms here. Same math,
+    units: 600-790 ms a step for the 4 x 128 CPU model on 2 cores, against 23-30 ms here. Same math,
     hyperparameters and state ("momentum_buffer"), so checkpoints move between the two; matrices
     of one shape are orthogonalised together in one batched matmul (fewer, larger kernels)."""
 
