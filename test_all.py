@@ -2302,3 +2302,11 @@ def test_bench_cuda_speed_has_mfu():
     if bench.peak_flops(dev) is not None:
         assert 0 < r["mfu"] < 1
     assert r["peak_mem_kind"] == "cuda max_memory_allocated" and r["peak_mem_bytes"] > 0
+
+
+# -----------------------------------------------------------------------------
+# Chaos suite: kill and resume, malicious files, injected faults, fuzzing
+
+
+# -----------------------------------------------------------------------------
+# Bad input, every stage: one table of cases, each one clear sentence
