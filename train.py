@@ -13,8 +13,10 @@ Run it:
 What one step does: total_batch_size tokens are split into micro-batches (gradient
 accumulation x processes), the gradients are averaged, clipped at 1.0 and applied by AdamW
 (or Muon for the hidden matrices), with linear warmup then cosine or warmup-stable-decay.
-Every eval_interval the validation loss and bits per byte are measured, a sample is printed,
-out/ckpt.pt (and best.pt on improvement) is written atomically and out/loss.svg is redrawn.
+Every eval_interval (and once more when a run stops early) the validation loss and bits per
+byte are measured, a sample is printed, out/ckpt.pt (and best.pt on improvement) is written
+durably (fsync, rename, fsync: a kill or a power loss leaves the previous file) and out/loss.svg
+is redrawn. A fresh run into a used out_dir first removes the earlier run's files.
 
 Sources: nanoGPT train.py and llm.c train_gpt2.py (loop structure, accumulation and DDP
 sync on the last micro-step, MFU); Loshchilov & Hutter 2019 (AdamW); Hoffmann et al. 2022
@@ -35,6 +37,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -100,7 +103,7 @@ class TrainConfig:
     compile: str = "auto"  # torch.compile the model: "auto" (on for CUDA only), "true", "false"
     grad_checkpoint: bool = False  # recompute each block's activations in backward: less memory, ~30% more compute
     seed: int = 1337  # seeds the initial weights, dropout and the data order
-    resume: bool = False  # continue from out_dir/ckpt.pt (model, optimizer, step, data position, RNG states)
+    resume: bool = False  # continue out_dir/ckpt.pt (weights, optimizer, step, data position, RNG, clock); off: start afresh, removing out_dir's earlier run
     # stability
     max_bad_steps: int = 3  # non-finite steps in a row before reloading the last checkpoint with half the learning rate
     spike_factor: float = 1.5  # log a loss spike when a step's loss exceeds this times the running mean
@@ -125,9 +128,10 @@ DEVICE_DEFAULTS = {
                  min_lr_ratio=0.1, beta2=0.95, dropout=0.1, log_interval=10),
 }
 
-# Test hooks (see test_all.py): inject a CUDA-style out-of-memory error on the next
-# `oom` micro-steps, and a NaN loss at the listed steps. Never set in normal runs.
-FAULTS = {"oom": 0, "nan_steps": ()}
+# Test hooks (see test_all.py): inject a CUDA-style out-of-memory error on the next `oom`
+# micro-steps, a NaN loss at the listed steps, and call before_rename(tmp) just before a
+# checkpoint's temporary file is renamed into place. Never set in normal runs.
+FAULTS = {"oom": 0, "nan_steps": (), "before_rename": None}
 
 # -----------------------------------------------------------------------------
 # Device, dtype and processes
@@ -150,15 +154,23 @@ def choose_device(cfg: TrainConfig, local_rank: int = 0) -> tuple[torch.device, 
         if name == "cuda":
             name = f"cuda:{local_rank}"
     device = torch.device(name)
+    if device.type == "cuda":
+        # subtle: pick the GPU before any query below; a query first would open a context on
+        # GPU 0 in every DDP process (N contexts on one GPU, each costing ~500 MB)
+        torch.cuda.set_device(device)
     if cfg.dtype != "auto":
         dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
         if cfg.dtype not in dtypes:
             raise ValueError(f"--dtype={cfg.dtype} is not one of {', '.join(['auto', *dtypes])}")
         return device, dtypes[cfg.dtype], why + f"; dtype {cfg.dtype} was given"
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return device, torch.bfloat16, why + "; bf16 autocast (supported by this GPU)"
-        return device, torch.float16, why + "; fp16 autocast with a GradScaler (no bf16 on this GPU)"
+        major, minor = torch.cuda.get_device_capability(device)
+        # subtle: torch.cuda.is_bf16_supported() also counts emulation, so it says True on V100
+        # (7.0) and T4 (7.5), whose bf16 is emulated and slow; bf16 tensor cores start at Ampere (8.0)
+        if major >= 8:
+            return device, torch.bfloat16, why + f"; bf16 autocast (compute capability {major}.{minor})"
+        return device, torch.float16, why + (f"; fp16 autocast with a GradScaler (compute capability "
+                                             f"{major}.{minor} has no native bf16)")
     return device, torch.float32, why + "; fp32 (autocast buys little on " + device.type + ")"
 
 
@@ -279,17 +291,25 @@ def evaluate_windows(model, windows: np.ndarray, batch_size: int, device, ctx=No
     ctx = ctx or contextlib.nullcontext()
     was_training = model.training
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses * tokens, tokens)
+    losses, counts = [], []  # one 0-d float32 tensor per batch (left on the device), tokens per batch
     for i in range(rank * batch_size, len(windows), batch_size * world):
         x, y = to_device(windows[i:i + batch_size], device)
         with ctx:
             _, loss = model(x, y)
-        total[0] += loss.double() * y.numel()
-        total[1] += y.numel()
-    if world > 1:
-        dist.all_reduce(total)
+        losses.append(loss.detach().float())
+        counts.append(y.numel())
+    # subtle: the sum is taken in float64 on the CPU (Python floats), never on the device:
+    # Apple's MPS has no float64, and one transfer at the end is one sync instead of one a batch
+    total_loss, total_tokens = 0.0, 0
+    for value, n in zip(torch.stack(losses).cpu().tolist() if losses else [], counts):
+        total_loss, total_tokens = total_loss + value * n, total_tokens + n
+    if world > 1:  # NCCL reduces CUDA tensors only (which have float64); gloo reduces CPU tensors
+        t = torch.tensor([total_loss, total_tokens], dtype=torch.float64,
+                         device=device if torch.device(device).type == "cuda" else "cpu")
+        dist.all_reduce(t)
+        total_loss, total_tokens = t.tolist()
     model.train(was_training)
-    return (total[0] / total[1]).item(), int(total[1].item())
+    return total_loss / total_tokens, int(total_tokens)
 
 
 def evaluate_bpb(model, data_dir: str, split: str = "val", batch_size: int = 8, max_windows: int = 160,
@@ -430,20 +450,31 @@ def accumulate_gradients(model, batch_fn, micro_bs: int, accum: int, ctx, scaler
     total = 0.0
     for m in range(accum):
         x, y = batch_fn(m * micro_bs, (m + 1) * micro_bs)
-        if FAULTS["oom"] > 0:
-            FAULTS["oom"] -= 1
-            raise torch.OutOfMemoryError("CUDA out of memory (injected by a test)")
         last = m == accum - 1
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with ctx:
-                _, loss = model(x, y)
+                logits, loss = model(x, y)
+            if FAULTS["oom"] > 0:  # after the forward, as a real OOM: this frame holds the activations
+                FAULTS["oom"] -= 1
+                raise torch.OutOfMemoryError("CUDA out of memory (injected by a test)")
+            del logits  # the graph keeps what backward needs; the (B, T, V) logits need not wait for it
             if nan:
                 loss = loss * float("nan")
             loss = loss / accum
             (scaler.scale(loss) if scaler is not None else loss).backward()
         total = total + loss.detach()
     return total
+
+
+def free_failed_step(optimizers: list, device: torch.device) -> None:
+    """After an out-of-memory error: drop the partial gradients, collect what the failed step left
+    (once its traceback is gone), and hand the CUDA allocator's cached blocks back."""
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def smaller_micro_batch(b: int) -> int:
@@ -475,17 +506,104 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def fsync_path(path: str) -> None:
+    """Flush a file, or a directory's list of names, from the OS cache to the disk. Without it a
+    rename survives a crash of the process but not a power loss: the kernel may write the new name
+    before the data it points to, leaving a complete-looking, empty checkpoint."""
+    if os.path.isdir(path):
+        if not hasattr(os, "O_DIRECTORY"):  # Windows cannot open a directory; NTFS orders this itself
+            return
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    else:
+        fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_durably(tmp: str, path: str) -> None:
+    """Rename a finished temporary file over `path`: fsync the file, rename, fsync the directory."""
+    fsync_path(tmp)
+    if FAULTS["before_rename"]:
+        FAULTS["before_rename"](tmp)  # test hook: the chaos suite kills the process here
+    os.replace(tmp, path)
+    fsync_path(os.path.dirname(os.path.abspath(path)))
+
+
 def save_checkpoint(path: str, ckpt: dict) -> None:
-    """torch.save to a temporary name, then rename: a crash or a full disk leaves the old file intact."""
+    """torch.save to a temporary name, then rename: a crash, a power loss or a full disk leaves
+    the old file intact."""
     tmp = path + ".tmp"
     try:
         torch.save(ckpt, tmp)
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     except (OSError, RuntimeError) as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise RuntimeError(f"could not write {path} ({str(e).splitlines()[0]}); the previous checkpoint is intact; "
                            f"free disk space or pick another --out_dir") from None
+
+
+def copy_durably(src: str, dst: str) -> None:
+    """Copy a finished file (ckpt.pt -> best.pt, the tokenizer) with the same all-or-nothing guarantee."""
+    try:
+        shutil.copyfile(src, dst + ".tmp")
+        replace_durably(dst + ".tmp", dst)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(dst + ".tmp")
+        raise RuntimeError(f"could not write {dst} ({e.strerror}); free disk space or pick another --out_dir") from None
+
+
+# What one run writes into its out_dir. A fresh run removes them first, so nothing of an earlier
+# run (a better best.pt, a longer log.jsonl) ends up beside the new run's tokenizer.
+RUN_FILES = ("ckpt.pt", "best.pt", "log.jsonl", "loss.svg", "config.json", "tokenizer.bpe")
+
+
+def clear_previous_run(out_dir: str, log=print) -> None:
+    """Remove an earlier run's RUN_FILES (and temporary files a crash left) from out_dir."""
+    if not os.path.isdir(out_dir):
+        return
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
+    if found:
+        log(f"{out_dir} holds an earlier run ({', '.join(found)}): starting afresh, so they are removed; "
+            f"pass --resume to continue that run instead")
+    leftovers = [f for f in os.listdir(out_dir) if f.endswith(".tmp") and f[:-4] in RUN_FILES]
+    for f in found + leftovers:
+        os.remove(os.path.join(out_dir, f))
+
+
+def checkpoint_step(path: str) -> int | None:
+    """The step a checkpoint holds, or None when it is missing or unreadable (mmap: no full read)."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)["step"]
+    except Exception:
+        return None
+
+
+def repair_after_crash(out_dir: str, step: int, best_step: int) -> None:
+    """On resume from ckpt.pt at `step`: a run killed between writing ckpt.pt and copying it to
+    best.pt left best.pt one evaluation behind, so copy it again; and log.jsonl rows written after
+    the checkpoint describe steps that will now run again, so drop them."""
+    ckpt_path, best_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "best.pt")
+    if best_step == step and checkpoint_step(best_path) != step:
+        copy_durably(ckpt_path, best_path)
+    log_path = os.path.join(out_dir, "log.jsonl")
+    if os.path.exists(log_path):
+        with open(log_path) as f:
+            rows = [line for line in f if line.strip()]
+        keep = []
+        for line in rows:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):  # a line cut short by the kill
+                pass
+        if len(keep) != len(rows):
+            with open(log_path + ".tmp", "w") as f:
+                f.writelines(keep)
+            replace_durably(log_path + ".tmp", log_path)
 
 
 def load_checkpoint(path: str, device="cpu") -> tuple[GPT, dict]:
@@ -617,7 +735,6 @@ def train(cfg: TrainConfig) -> dict:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
-        torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
         torch.backends.cudnn.allow_tf32 = True
     cfg = resolve_config(TrainConfig(**asdict(cfg)), device)
@@ -670,7 +787,12 @@ def train(cfg: TrainConfig) -> dict:
         except OSError as e:
             raise RuntimeError(f"cannot write to --out_dir={cfg.out_dir} ({e.strerror}); pick a writable directory") from None
     optimizers = build_optimizers(raw, cfg, device)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     step, tokens_seen, best_val, lr_scale, history = 0, 0, float("inf"), 1.0, {"train": [], "val": []}
+    best_step, elapsed_before = -1, 0.0  # the step best.pt holds; wall seconds of earlier parts of this run
+    run_id = uuid.uuid4().hex  # names this run in its checkpoints: only its own are ever reloaded
+    if not cfg.resume and master:
+        clear_previous_run(cfg.out_dir, log)
     if cfg.resume:
         _, ck = load_checkpoint(ckpt_path)  # validates the file; weights are copied into `raw` below
         if ck["model_config"] != asdict(mcfg):
@@ -686,17 +808,29 @@ def train(cfg: TrainConfig) -> dict:
             raise ValueError(f"{ckpt_path} was trained with --optimizer={ck['config']['optimizer']}; resume with it")
         for opt, state in zip(optimizers, opt_states):
             opt.load_state_dict(state)
+        if scaler is not None and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
         step, tokens_seen, best_val = ck["step"], ck["tokens_seen"], ck["best_val_loss"]
         lr_scale, history = ck.get("lr_scale", 1.0), ck.get("history", history)
+        best_step, run_id = ck.get("best_step", -1), ck.get("run_id", "")
+        # the clock goes on where it stopped: --max_minutes is a budget for the whole run
+        elapsed_before = ck.get("elapsed", 0.0)
         train_data.rows = ck["data_position"]["rows"]
         set_rng_state(ck["rng"])
-        log(f"resumed {ckpt_path} at step {step} ({tokens_seen:,} tokens seen)")
+        if master:
+            repair_after_crash(cfg.out_dir, step, best_step)
+        log(f"resumed {ckpt_path} at step {step} ({tokens_seen:,} tokens seen, {fmt_time(elapsed_before)} "
+            f"of training so far)")
         del ck
+    if world > 1:  # every process must agree on the run's name to check a reload against it
+        name = [run_id]
+        dist.broadcast_object_list(name, src=0)
+        run_id = name[0]
     if master:
-        shutil.copyfile(tok_path, os.path.join(cfg.out_dir, "tokenizer.bpe.tmp"))
-        os.replace(os.path.join(cfg.out_dir, "tokenizer.bpe.tmp"), os.path.join(cfg.out_dir, "tokenizer.bpe"))
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+        copy_durably(tok_path, os.path.join(cfg.out_dir, "tokenizer.bpe"))
+        with open(os.path.join(cfg.out_dir, "config.json.tmp"), "w") as f:
             json.dump({"train": asdict(cfg), "model": asdict(mcfg)}, f, indent=1)
+        os.replace(os.path.join(cfg.out_dir, "config.json.tmp"), os.path.join(cfg.out_dir, "config.json"))
         if not cfg.resume:
             open(os.path.join(cfg.out_dir, "log.jsonl"), "w").close()
 
@@ -710,7 +844,6 @@ def train(cfg: TrainConfig) -> dict:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     ctx = (torch.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
     # ---- the printed plan: config, compute budget
     n_params = raw.num_params(non_embedding=False)
@@ -739,8 +872,16 @@ def train(cfg: TrainConfig) -> dict:
               "step": step, "tokens_seen": tokens_seen, "data_position": {"rows": train_data.rows, "sampling": cfg.sampling},
               "rng": rng_state(), "best_val_loss": best_val, "tokenizer": "tokenizer.bpe",
               "tokenizer_sha256": file_sha256(tok_path), "vocab_size": tok.n_vocab, "dataset": data_dir,
-              "lr_scale": lr_scale, "history": history}
+              "lr_scale": lr_scale, "history": history, "scaler": scaler.state_dict() if scaler else None,
+              "run_id": run_id, "best_step": best_step, "elapsed": time.time() - t_start}
         save_checkpoint(path, ck)
+
+    def save_run(improved: bool) -> None:
+        """ckpt.pt, then best.pt when this evaluation is the best so far, then the loss plot."""
+        checkpoint(ckpt_path)
+        if improved:
+            copy_durably(ckpt_path, best_path)
+        write_loss_svg(os.path.join(cfg.out_dir, "loss.svg"), history["train"], history["val"])
 
     def evaluate() -> tuple[float, float]:
         loss, _ = evaluate_windows(eval_model, val_windows, micro_bs, device, ctx, rank, world)
@@ -757,7 +898,10 @@ def train(cfg: TrainConfig) -> dict:
     # ---- the loop; SIGINT/SIGTERM finish the current step, evaluate, save and exit cleanly
     stop = {"signal": None}
     with stop_on_signals(stop):
-        t_start = time.time()
+        # two clocks: the wall clock (t_start, set back by the earlier parts of a resumed run) is
+        # the --max_minutes budget; train_time counts only the steps, for tokens/s, MFU and the ETA
+        t_start = time.time() - elapsed_before
+        train_time, logged = 0.0, (0.0, tokens_seen)  # (train_time, tokens_seen) at the last log line
         step_times, bad_streak, bad_total, reloads, ema = [], 0, 0, 0, None
         train_loss = val_loss = val_bpb = float("nan")
         last_step = min(cfg.max_steps, cfg.stop_step or cfg.max_steps)
@@ -794,19 +938,17 @@ def train(cfg: TrainConfig) -> dict:
                 except RuntimeError as e:
                     if not _is_oom(e):
                         raise
-                    for opt in optimizers:
-                        opt.zero_grad(set_to_none=True)
-                    gc.collect()
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    smaller = smaller_micro_batch(micro_bs)
-                    if world > 1 or not smaller:
-                        raise RuntimeError(f"out of memory with micro-batch {micro_bs}" + (" under DDP (ranks cannot shrink "
-                                           "independently)" if world > 1 else "") + "; lower --batch_size or --block_size, "
-                                           "or use --grad_checkpoint") from None
-                    accum, micro_bs = accum * micro_bs // smaller, smaller
-                    log(f"out of memory at step {step}: micro-batch now {micro_bs} rows x {accum} accumulation "
-                        f"(global batch unchanged)")
+                # subtle: only here, outside the except block, are the exception and its traceback
+                # gone; their frames hold the failed step's activations, which must go first
+                free_failed_step(optimizers, device)
+                smaller = smaller_micro_batch(micro_bs)
+                if world > 1 or not smaller:
+                    raise RuntimeError(f"out of memory with micro-batch {micro_bs}" + (" under DDP (ranks cannot shrink "
+                                       "independently)" if world > 1 else "") + "; lower --batch_size or --block_size, "
+                                       "or use --grad_checkpoint")
+                accum, micro_bs = accum * micro_bs // smaller, smaller
+                log(f"out of memory at step {step}: micro-batch now {micro_bs} rows x {accum} accumulation "
+                    f"(global batch unchanged)")
             if world > 1:
                 dist.all_reduce(loss, op=dist.ReduceOp.AVG)
             if scaler is not None:
@@ -814,15 +956,19 @@ def train(cfg: TrainConfig) -> dict:
                     scaler.unscale_(opt)
             norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             train_loss, norm = loss.item(), norm.item()
-            if math.isfinite(train_loss) and math.isfinite(norm) or scaler is not None:
+            # A non-finite loss, or a non-finite gradient without a GradScaler, is a bad step: no update
+            # at all (Adam's moments would be poisoned). With a GradScaler (fp16), non-finite gradients
+            # under a finite loss are an overflow of the loss scale: scaler.step skips the update and
+            # scaler.update halves the scale (Micikevicius et al. 2018), which is routine, not divergence.
+            if math.isfinite(train_loss) and (math.isfinite(norm) or scaler is not None):
                 for opt in optimizers:
                     scaler.step(opt) if scaler is not None else opt.step()
-                if scaler is not None:
-                    scaler.update()
                 bad_streak = 0
-            else:  # a non-finite loss or gradient: no update at all (Adam's moments would be poisoned)
+            else:
                 bad_streak, bad_total = bad_streak + 1, bad_total + 1
                 log(f"step {step}: non-finite loss {train_loss} / grad norm {norm}; step skipped ({bad_total} so far)")
+            if scaler is not None:
+                scaler.update()
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             train_data.rows += step_rows
@@ -834,14 +980,20 @@ def train(cfg: TrainConfig) -> dict:
                                        f"{' and no checkpoint to return to' if reloads < 3 else ' after 3 reloads'}; "
                                        f"lower --learning_rate or raise --warmup_steps")
                 _, ck = load_checkpoint(ckpt_path)
+                if ck.get("run_id", "") != run_id or ck["model_config"] != asdict(mcfg):
+                    raise RuntimeError(f"training diverged at step {step} and {ckpt_path} was not written by this run, "
+                                       f"so it is not reloaded; lower --learning_rate or raise --warmup_steps and "
+                                       f"start again")
                 raw.load_state_dict(ck["model"])
                 optimizers[0].load_state_dict(ck["optimizer"])
                 if len(optimizers) > 1:
                     optimizers[1].load_state_dict(ck["optimizer_muon"])
                 lr_scale, bad_streak, reloads = lr_scale * 0.5, 0, reloads + 1
                 log(f"reloaded {ckpt_path} (step {ck['step']}) with the learning rate scaled by {lr_scale}")
+                del ck
             dt = time.time() - t0
             step_times.append(dt)
+            train_time += dt
             if math.isfinite(train_loss):
                 if ema is not None and step > 10 and train_loss > cfg.spike_factor * ema:
                     log(f"step {step}: loss spike {train_loss:.3f} vs running mean {ema:.3f}")
@@ -856,7 +1008,10 @@ def train(cfg: TrainConfig) -> dict:
             # ---- log, evaluate, checkpoint
             is_last = step == last_step
             if step % cfg.log_interval == 0 or is_last or step == 1:
-                tps = total_tokens / dt
+                # rates over the steps since the last line, on the training clock: evaluation,
+                # sampling and checkpoint writes in between do not count as training time
+                tps = (tokens_seen - logged[1]) / max(train_time - logged[0], 1e-9)
+                logged = (train_time, tokens_seen)
                 mfu = raw.estimate_mfu(tps / world, device)
                 elapsed = time.time() - t_start
                 eta = (last_step - step) * sum(step_times[-10:]) / len(step_times[-10:])
@@ -870,7 +1025,8 @@ def train(cfg: TrainConfig) -> dict:
                     with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
                         f.write(json.dumps({"step": step, "tokens": tokens_seen, "loss": train_loss, "norm": norm,
                                             "lr": optimizers[0].param_groups[0]["lr"], "tok_per_s": tps,
-                                            "mfu": mfu, "time": elapsed, "skipped": bad_total}) + "\n")
+                                            "mfu": mfu, "time": elapsed, "train_time": train_time,
+                                            "skipped": bad_total}) + "\n")
                 if wb:
                     wb.log({"train/loss": train_loss, "lr": optimizers[0].param_groups[0]["lr"], "grad_norm": norm}, step=step)
             if step % cfg.eval_interval == 0 or is_last:  # a stop between evals is evaluated after the loop
@@ -878,6 +1034,7 @@ def train(cfg: TrainConfig) -> dict:
                 history["val"].append([tokens_seen, val_loss, val_bpb])
                 improved = val_loss < best_val
                 best_val = min(best_val, val_loss)
+                best_step = step if improved else best_step
                 log(f"eval step {step}: val loss {val_loss:.4f}, {val_bpb:.4f} bits/byte" + (" (best)" if improved else "")
                     + f" | {fmt_time(time.time() - t_start)}")
                 if master:
@@ -886,21 +1043,20 @@ def train(cfg: TrainConfig) -> dict:
                                             "time": time.time() - t_start}) + "\n")
                     if cfg.sample_tokens:
                         log("sample: " + repr(sample_text()[:300]))
-                    checkpoint(ckpt_path)
-                    if improved:
-                        shutil.copyfile(ckpt_path, best_path + ".tmp")
-                        os.replace(best_path + ".tmp", best_path)
-                    write_loss_svg(os.path.join(cfg.out_dir, "loss.svg"), history["train"], history["val"])
+                    save_run(improved)
                 if wb:
                     wb.log({"val/loss": val_loss, "val/bpb": val_bpb}, step=step)
         if history["val"] and history["val"][-1][0] == tokens_seen:  # the last step was evaluated (or resumed at the end)
             val_loss, val_bpb = history["val"][-1][1], history["val"][-1][2]
-        else:  # stopped between evaluations: measure and save where we are
+        else:  # stopped between evaluations: measure and save where we are, best.pt too if it is the best
             val_loss, val_bpb = evaluate()
             history["val"].append([tokens_seen, val_loss, val_bpb])
+            improved = val_loss < best_val
             best_val = min(best_val, val_loss)
+            best_step = step if improved else best_step
+            log(f"eval step {step}: val loss {val_loss:.4f}, {val_bpb:.4f} bits/byte" + (" (best)" if improved else ""))
             if master:
-                checkpoint(ckpt_path)
+                save_run(improved)
         log(f"done: {reason} at step {step}; val loss {val_loss:.4f}, {val_bpb:.4f} bits/byte, best {best_val:.4f}; "
             f"{fmt_time(time.time() - t_start)}; checkpoint in {ckpt_path}")
         if wb:
