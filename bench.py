@@ -311,7 +311,8 @@ def run_ladder(cfg: BenchConfig, device: torch.device, gcfg: GPTConfig) -> dict:
         recipe = dataclasses.replace(recipe, **change)
         try:
             r = speed_run(cfg, gcfg, recipe, device)
-        except torch.OutOfMemoryError:  # the bigger micro-batch may not fit: report it, keep the table
+        # the bigger micro-batch may not fit: report it, keep the table (torch < 2.5: torch.cuda's class)
+        except getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError):
             rows.append({"step": name, "oom": True, "recipe": asdict(recipe)})
             continue
         first = rows[0]["tokens_per_sec"] if rows else r["tokens_per_sec"]
@@ -492,6 +493,13 @@ def checkpoint_tokenizer(ckpt_path: str, ckpt: dict):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} (the tokenizer of {ckpt_path}) is missing; copy it from the dataset "
                                 f"directory the model was trained on")
+    from train import file_sha256
+    # the same check as sample.py: another tokenizer of the same size would load without complaint
+    if ckpt.get("tokenizer_sha256") and file_sha256(path) != ckpt["tokenizer_sha256"]:
+        hint = os.path.join(ckpt.get("dataset") or "DATA_DIR", "tokenizer.bpe")
+        raise ValueError(f"{path} is not the tokenizer {ckpt_path} was trained with (its sha256 "
+                         f"differs from the one the checkpoint records); copy {hint} beside it, "
+                         f"or retrain")
     return Tokenizer.load(path), path
 
 
@@ -536,8 +544,13 @@ def read_mc(path: str) -> list[dict]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--data={path!r} does not exist; pass a JSONL file such as evals/mc_tiny.jsonl")
     items = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path} line {line_no} is not UTF-8 text (at byte {e.start + 1}); save the file as "
+                                 f"UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -545,10 +558,10 @@ def read_mc(path: str) -> list[dict]:
                 ctx = d.get("ctx") or (d.get("ctx_a", "") + " " + d.get("ctx_b", "")).strip()
                 endings = [str(e) for e in d["endings"]]
                 label = int(d["label"])
-            except (ValueError, KeyError, TypeError) as e:
+            except (ValueError, KeyError, TypeError, AttributeError) as e:  # AttributeError: a line that is not an object
                 raise ValueError(f"{path} line {line_no} is not a multiple-choice item ({e!r}); each line needs "
                                  f"ctx, endings and an integer label (HellaSwag's test split has no labels)") from None
-            if not ctx or len(endings) < 2 or not 0 <= label < len(endings) or not all(endings):
+            if not isinstance(ctx, str) or not ctx or len(endings) < 2 or not 0 <= label < len(endings) or not all(endings):
                 raise ValueError(f"{path} line {line_no} needs a context, two or more non-empty endings and a "
                                  f"label between 0 and {len(endings) - 1}")
             items.append({"ctx": ctx, "endings": endings, "label": label})

@@ -37,6 +37,7 @@ Sources (facts and formulas, not code):
 import json
 import math
 import os
+import pickle
 from dataclasses import asdict, dataclass
 
 import torch
@@ -797,8 +798,9 @@ def _load_hf_weights(hf_dir: str) -> dict:
         if os.path.isfile(path):
             files = [path]
         elif os.path.isfile(path + ".index.json"):
-            shards = _read_json(path + ".index.json")["weight_map"].values()
-            files = [os.path.join(hf_dir, s) for s in sorted(set(shards))]
+            index = path + ".index.json"
+            shards = _read_json(index)["weight_map"].values()
+            files = [_shard_path(hf_dir, s, index) for s in sorted(set(map(str, shards)))]
         else:
             continue
         sd = {}
@@ -811,10 +813,29 @@ def _load_hf_weights(hf_dir: str) -> dict:
                                        "missing; install it with pip install safetensors.") from None
                 sd.update(load_file(f, device="cpu"))
             else:  # never arbitrary pickle: tensors and plain containers only
-                sd.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+                try:
+                    sd.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+                except pickle.UnpicklingError:  # torch's own message suggests weights_only=False
+                    raise ValueError(f"{f} holds Python objects besides tensors, and unpickling them could run "
+                                     "arbitrary code, so it is refused; use the model's model.safetensors or a "
+                                     "pytorch_model.bin of plain tensors from a source you trust.") from None
         return sd
     raise FileNotFoundError(f"{hf_dir} holds neither model.safetensors nor pytorch_model.bin (or a sharded "
                             "index of them); copy the complete Hugging Face model directory there.")
+
+
+def _shard_path(hf_dir: str, name: str, index: str) -> str:
+    """hf_dir/name for a shard listed in an index, refused unless it lies inside hf_dir: the
+    index is data, and "../x", "/etc/x" or "link/x" (a folder linking out) would read any file.
+    subtle: the shard file itself may be a symlink; the Hugging Face cache links every file of
+    snapshots/REV/ to ../../blobs/, so only the folders on the way are resolved with realpath."""
+    root = os.path.realpath(hf_dir)
+    path = os.path.join(hf_dir, name)
+    inside = os.path.commonpath([root, os.path.realpath(os.path.dirname(path))]) == root
+    if not name or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/") or not inside:
+        raise ValueError(f"{index} lists the shard {name!r}, which is not a file inside {hf_dir}; "
+                         "the index is damaged or hostile, so download the model again.")
+    return path
 
 
 def _write_json(path: str, obj: dict) -> None:
@@ -826,7 +847,25 @@ def _write_atomic(path: str, write) -> None:
     """write(tmp_path), then rename over path, so a crash never leaves half a file."""
     tmp = path + ".tmp"
     write(tmp)
+    # subtle: safetensors (0.8, measured) creates its file with mode 0600, not per the umask;
+    # give every output the mode open() would, 0666 minus the umask (0644 under umask 022)
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    """The process umask. Linux reports it in /proc (4.7+); elsewhere os.umask is the only way
+    to read it, by setting it and putting it back (a brief window another thread could see)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 # ----------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ import urllib.parse
 import urllib.request
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -84,6 +84,7 @@ class PrepareConfig:
     backend: str = "processes"  # parallel tokenization: processes | threads (measured: see README.md)
     workers: int = 0  # tokenizer workers; 0 = one per CPU core
     base_url: str = ""  # mirror for named downloads: fetch BASE_URL/FILE instead (env PREPARE_BASE_URL works too)
+    max_download_mb: float = 2048.0  # refuse downloads over this many MB (1e6 bytes); 0 = no cap
     force: bool = False  # rebuild even when out_dir/NAME already matches this configuration's fingerprint
 
 
@@ -228,6 +229,7 @@ class _Source:
     root: str  # folder the relative paths below refer to
     files: list  # [(relative path, size in bytes, mtime_ns)], sorted by path
     single: bool  # one document (split by position) rather than many (split by hash)
+    moved: dict = field(default_factory=dict)  # {doc id: split} overriding the hash rule
 
 
 def _walk_files(root: str, exts: tuple, skip_dirs: tuple = ()) -> list:
@@ -262,7 +264,7 @@ def resolve_source(cfg: PrepareConfig) -> _Source:
         # subtle: site-packages lives inside the stdlib folder; it is third-party code, not stdlib.
         files = _walk_files(root, (".py",), skip_dirs=("site-packages", "dist-packages"))
         return _Source(cfg.name or "pystdlib", f"pystdlib (Python {sys.version.split()[0]})", root, files, False)
-    if ds in DATASETS or ds.startswith(("http://", "https://")):
+    if ds in DATASETS or ds.lower().startswith(("http://", "https://")):
         if ds in DATASETS:
             spec = DATASETS[ds]
             base = cfg.base_url or os.environ.get("PREPARE_BASE_URL", "")
@@ -277,11 +279,14 @@ def resolve_source(cfg: PrepareConfig) -> _Source:
             local = os.path.join(cfg.out_dir, "downloads", f"{_stem(fname)}-{tag}{ext}")
             name, label = _stem(fname), ds
         if not os.path.exists(local):
-            download(url, local, expected_bytes=spec.get("bytes"), sha256=spec.get("sha256"))
+            download(url, local, expected_bytes=spec.get("bytes"), sha256=spec.get("sha256"),
+                     max_bytes=int(cfg.max_download_mb * 1e6) or None)
         st = os.stat(local)
         single = not local.endswith(".jsonl")
         return _Source(cfg.name or name, label, os.path.dirname(local),
                        [(os.path.basename(local), st.st_size, st.st_mtime_ns)], single)
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", ds):  # file://, ftp://, s3://: URLs we do not fetch
+        _check_url_scheme(ds)
     if not os.path.exists(ds):
         raise FileNotFoundError(f"dataset path {ds} does not exist; pass --dataset=pystdlib, shakespeare, "
                                 f"an existing file or directory, or an http(s) URL.")
@@ -297,23 +302,54 @@ def resolve_source(cfg: PrepareConfig) -> _Source:
                    [(os.path.basename(ds_abs), st.st_size, st.st_mtime_ns)], not ds_abs.endswith(".jsonl"))
 
 
-def download(url: str, path: str, expected_bytes: int = None, sha256: str = None, timeout: float = 60.0) -> str:
+def _check_url_scheme(url: str, asked: str = None) -> None:
+    """Only http:// and https://: urllib would also read file:// (any local file) and ftp://."""
+    scheme = urllib.parse.urlparse(url).scheme.lower()
+    if scheme not in ("http", "https"):
+        via = f" (redirected from {asked})" if asked else ""
+        raise ValueError(f"{url}{via} uses {f'{scheme}://' if scheme else 'no scheme'}, but only "
+                         f"http:// and https:// are downloaded; pass an http(s) URL or a plain "
+                         f"local path.")
+
+
+class _HTTPOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    # subtle: urllib's own handler follows a redirect to ftp:// too; refuse it before connecting
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        _check_url_scheme(newurl, req.full_url)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def download(url: str, path: str, expected_bytes: int = None, sha256: str = None,
+             timeout: float = 60.0, max_bytes: int = None) -> str:
     """Stream url to path through a temporary file; check the length (Content-Length and
-    expected_bytes) and sha256 before renaming, so a cut connection leaves nothing behind."""
+    expected_bytes) and sha256 before renaming, so a cut connection leaves nothing behind.
+    max_bytes (None = no cap) refuses a bigger file, by its Content-Length before reading and
+    by the bytes received while reading (a chunked or close-delimited response has no length;
+    one that understates it is cut there by http.client, and then caught as truncated)."""
+    _check_url_scheme(url)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     print(f"downloading {url} -> {path}")
     try:
         digest, got, t0 = hashlib.sha256(), 0, time.time()
-        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
+        opener = urllib.request.build_opener(_HTTPOnlyRedirects)
+        with opener.open(url, timeout=timeout) as r, open(tmp, "wb") as f:
             length = r.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
+            cap = f"the --max_download_mb={max_bytes / 1e6:g} cap" if max_bytes else ""
+            if max_bytes and total is not None and total > max_bytes:
+                raise RuntimeError(f"download of {url} is {total:,} bytes (Content-Length), over "
+                                   f"{cap}; raise it (0 = no cap) or fetch the file yourself "
+                                   f"into {path}.")
             while True:
                 # subtle: when the server closes early, http.client returns b"" (or raises
                 # IncompleteRead) instead of data; only the byte count below tells them apart.
                 chunk = r.read(1 << 20)
                 if not chunk:
                     break
+                if max_bytes and got + len(chunk) > max_bytes:
+                    raise RuntimeError(f"download of {url} sent more than {cap} allows; raise it "
+                                       f"(0 = no cap) or fetch the file yourself into {path}.")
                 f.write(chunk)
                 digest.update(chunk)
                 got += len(chunk)
@@ -572,9 +608,10 @@ def iter_documents(source: _Source, cfg: PrepareConfig, stats: dict):
     Many documents: read, clean, drop short ones and exact duplicates, optionally dedup lines,
     and send each to val when a hash of its path falls below val_fraction (5% by default: for the
     stdlib 88 files, 1.8 MB, 540k tokens, far more than an eval reads, while 95% stays for training).
+    When that leaves a split empty, prepare() moves one document (source.moved, plan_split_move).
     One document (Tiny Shakespeare): streamed in blocks, its tail of val_fraction is val.
     """
-    seen_docs, seen_lines = set(), set()  # 64-bit hashes: ~70 bytes per document or line kept
+    seen_lines = set()  # 64-bit hashes of the lines kept
     if source.single:
         rel, size, _ = source.files[0]
         stats["documents_in"] = 1
@@ -589,6 +626,14 @@ def iter_documents(source: _Source, cfg: PrepareConfig, stats: dict):
             yield split, text, starts, nbytes
         stats["invalid_utf8_documents"] = min(stats["invalid_utf8_documents"], 1)  # counted per block above
         return
+    for doc_id, text, nbytes in _iter_kept_documents(source, cfg, stats):
+        split = "val" if _in_val(doc_id, cfg.val_fraction) else "train"
+        yield source.moved.get(doc_id, split), text, True, nbytes
+
+
+def _iter_kept_documents(source: _Source, cfg: PrepareConfig, stats: dict):
+    """Yield (document id, cleaned text, its UTF-8 bytes) for every document the filters keep."""
+    seen_docs, seen_lines = set(), set()  # 64-bit hashes: ~70 bytes per document or line kept
     for doc_id, raw in iter_raw_documents(source, stats):
         stats["documents_in"] += 1
         text = clean_text(raw, cfg, stats)
@@ -611,9 +656,31 @@ def iter_documents(source: _Source, cfg: PrepareConfig, stats: dict):
         stats["documents_kept"] += 1
         nbytes = len(data)
         stats["bytes_out"] += nbytes
-        yield ("val" if _in_val(doc_id, cfg.val_fraction) else "train"), text, True, nbytes
+        yield doc_id, text, nbytes
         if cfg.max_docs and stats["documents_kept"] >= cfg.max_docs:
             return
+
+
+def plan_split_move(source: _Source, cfg: PrepareConfig) -> dict:
+    """{document id: split} for the one document to move when the hash rule leaves a split
+    empty, or {} when it does not (or fewer than two documents are kept).
+
+    33 documents at val_fraction 0.05 get no val document with probability 0.95**33 = 18%.
+    Then the train document whose hash lies closest above the threshold goes to val (or, with
+    every document in val, the one closest below goes to train): the choice depends only on
+    the kept documents, and it is the one a slightly different val_fraction would move first."""
+    lowest_train = highest_val = None  # (hash, document id); the id breaks (unlikely) ties
+    kept = 0
+    for doc_id, _, _ in _iter_kept_documents(source, cfg, new_stats()):
+        kept += 1
+        key = (_hash64(doc_id), doc_id)
+        if _in_val(doc_id, cfg.val_fraction):
+            highest_val = max(highest_val or key, key)
+        else:
+            lowest_train = min(lowest_train or key, key)
+    if kept < 2 or (lowest_train and highest_val):
+        return {}  # one document cannot fill two splits; two non-empty splits need no move
+    return {lowest_train[1]: "val"} if lowest_train else {highest_val[1]: "train"}
 
 
 # -----------------------------------------------------------------------------
@@ -640,19 +707,25 @@ def build_tokenizer(source: _Source, cfg: PrepareConfig):
         return Tokenizer.from_tiktoken(cfg.tokenizer)
     if cfg.tokenizer:
         return Tokenizer.load(cfg.tokenizer)
-    budget = {"bytes": 0}
+    budget, stats = {"bytes": 0}, new_stats()
 
     def train_texts():
-        for split, text, _, nbytes in iter_documents(source, cfg, new_stats()):
+        for split, text, _, nbytes in iter_documents(source, cfg, stats):
             if split != "train":
                 continue  # subtle: training on val text would make val loss look better than it is
             budget["bytes"] += nbytes
             yield text
             if budget["bytes"] >= cfg.tokenizer_max_bytes:
                 return
+        budget["read_all"] = True
 
     t0 = time.time()
-    tok = Tokenizer.train(train_texts(), cfg.vocab_size, pattern=cfg.pattern)
+    try:
+        tok = Tokenizer.train(train_texts(), cfg.vocab_size, pattern=cfg.pattern)
+    except ValueError:
+        if budget.get("read_all") and stats["documents_kept"] == 0:  # say why the corpus is empty
+            raise ValueError(_nothing_left(source.label, stats)) from None
+        raise
     print(f"trained BPE vocab {tok.n_vocab} on {budget['bytes'] / 1e6:.1f} MB of the train split "
           f"in {time.time() - t0:.1f}s")
     return tok
@@ -780,6 +853,7 @@ def fingerprint(source: _Source, cfg: PrepareConfig) -> str:
     """sha256 of everything the output depends on: the input files (path, size, mtime),
     the options that change tokens, and the tokenizer (its file hash, or the trainer's source)."""
     skip = ("out_dir", "name", "force", "workers", "backend", "base_url",  # same tokens either way
+            "max_download_mb",  # a download that succeeds gives the same bytes under any cap
             "tokenizer", "vocab_size", "pattern", "tokenizer_max_bytes")  # covered by the tokenizer identity
     options = {k: v for k, v in asdict(cfg).items() if k not in skip}
     blob = json.dumps({"format": PREPARE_FORMAT, "label": source.label, "files": source.files,
@@ -835,6 +909,8 @@ def _validate(cfg: PrepareConfig) -> None:
                          f"(e.g. 0.05; 0 = the dataset's default).")
     if not 1 <= cfg.shard_tokens <= 2**31 - 1:
         raise ValueError(f"--shard_tokens={cfg.shard_tokens} must lie in [1, 2**31 - 1] (an int32 header count).")
+    if not cfg.max_download_mb >= 0:  # subtle: written so that nan fails too
+        raise ValueError(f"--max_download_mb={cfg.max_download_mb} must be >= 0 (0 = no cap).")
     if cfg.backend not in ("processes", "threads"):
         raise ValueError(f"--backend={cfg.backend} is not one of processes, threads.")
     if cfg.dtype not in ("auto", "uint16", "uint32"):
@@ -843,6 +919,15 @@ def _validate(cfg: PrepareConfig) -> None:
         raise ValueError(f"--name={cfg.name} must be a plain folder name (no path, no leading dot, not downloads).")
     if cfg.workers < 0 or cfg.min_chars < 0 or cfg.max_docs < 0 or cfg.tokenizer_max_bytes < 1:
         raise ValueError("--workers, --min_chars and --max_docs must be >= 0 and --tokenizer_max_bytes >= 1.")
+
+
+def _tokenize_into(source: _Source, cfg: PrepareConfig, folder: str) -> tuple:
+    """Train (or load) the tokenizer, save it in folder, write the shards there.
+    Returns (tokenizer, token dtype, splits dict, cleaning stats)."""
+    tok = build_tokenizer(source, cfg)
+    dtype = choose_dtype(tok.n_vocab, cfg.dtype)
+    tok.save(os.path.join(folder, "tokenizer.bpe"))
+    return (tok, dtype) + tokenize_and_write(source, cfg, tok, folder, dtype)
 
 
 def prepare(cfg: PrepareConfig) -> str:
@@ -867,13 +952,23 @@ def prepare(cfg: PrepareConfig) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        tok = build_tokenizer(source, cfg)
-        dtype = choose_dtype(tok.n_vocab, cfg.dtype)
-        tok.save(os.path.join(tmp, "tokenizer.bpe"))
-        splits, stats = tokenize_and_write(source, cfg, tok, tmp, dtype)
+        tok, dtype, splits, stats = _tokenize_into(source, cfg, tmp)
+        empty = not source.single and not all(i["documents"] for i in splits.values())
+        move = plan_split_move(source, cfg) if empty else {}
+        if move:
+            # Rare (a small corpus), so it costs one more pass rather than a lookahead on every
+            # run; rebuilt from scratch so that a trained tokenizer never saw the new val document.
+            (doc_id, split), = move.items()
+            other = "train" if split == "val" else "val"
+            print(f"the path hash put all {stats['documents_kept']} documents in {other} "
+                  f"(val_fraction {cfg.val_fraction}); moved {doc_id}, the one closest to the "
+                  f"threshold, to {split} so that neither split is empty")
+            source = replace(source, moved=move)
+            shutil.rmtree(tmp)
+            os.makedirs(tmp)
+            tok, dtype, splits, stats = _tokenize_into(source, cfg, tmp)
         if stats["documents_kept"] == 0:
-            raise ValueError(f"nothing left of {source.label} after cleaning ({_summary(stats)}); "
-                             f"lower --min_chars or check the input.")
+            raise ValueError(_nothing_left(source.label, stats))
         for s in ("train", "val"):
             if splits[s]["tokens"] == 0:
                 raise ValueError(f"the {s} split of {source.label} is empty ({splits['train']['documents']} "
@@ -894,6 +989,13 @@ def prepare(cfg: PrepareConfig) -> str:
             os.rename(old, folder)  # the swap failed half-way: put the previous dataset back
         shutil.rmtree(old, ignore_errors=True)
     print(f"cleaning: {_summary(stats)}")
+    # kept going, but say so: input the user may not know is damaged (counts are in meta.json)
+    if stats["invalid_utf8_documents"]:
+        print(f"warning: {stats['invalid_utf8_documents']} documents of {source.label} are not valid UTF-8; their "
+              f"bad bytes became U+FFFD (re-encode them, e.g. iconv -f latin1 -t UTF-8, if that is wrong)", file=sys.stderr)
+    if stats["skipped_bad_jsonl"]:
+        print(f"warning: skipped {stats['skipped_bad_jsonl']} lines of {source.label} that are not a JSON object "
+              f'with a string "text" field', file=sys.stderr)
     for s in ("train", "val"):
         i = splits[s]
         print(f"{s}: {i['documents']} documents, {i['tokens']:,} tokens, {i['bytes']:,} bytes "
@@ -904,6 +1006,19 @@ def prepare(cfg: PrepareConfig) -> str:
 
 def _summary(stats: dict) -> str:
     return ", ".join(f"{k} {v:,}" for k, v in stats.items() if v or k in ("documents_in", "documents_kept"))
+
+
+def _nothing_left(label: str, stats: dict) -> str:
+    """The one sentence for a corpus with no usable text, with the fix for its likeliest cause."""
+    if stats["skipped_binary"]:
+        fix = "its files are binary or not UTF-8 text (UTF-16 reads as binary): convert them, e.g. iconv -f UTF-16 -t UTF-8"
+    elif stats["skipped_bad_jsonl"]:
+        fix = 'every .jsonl line must be a JSON object with a string "text" field'
+    elif stats["dropped_short"]:
+        fix = "every document is shorter than --min_chars: lower it"
+    else:
+        fix = "the input is empty: give it some text"
+    return f"nothing left of {label} after cleaning ({_summary(stats)}); {fix}."
 
 
 # -----------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import torch
 
 from model import GPT, sample_logits
 from tokenizer import Tokenizer, parse_config
-from train import choose_device, load_checkpoint  # one device rule and one checkpoint reader for the project
+from train import choose_device, file_sha256, load_checkpoint  # one device rule, one ckpt reader
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -129,7 +129,18 @@ def load_for_sampling(out_dir: str | None = None, hf: str | None = None, device=
         hint = os.path.join(ckpt.get("dataset") or "DATA_DIR", "tokenizer.bpe")
         raise FileNotFoundError(f"{tok_path} is missing: the checkpoint {paths[0]} needs the tokenizer it was "
                                 f"trained with; copy {hint} into {out_dir}")
+    # subtle: another tokenizer of the same size loads fine and samples fluent-looking garbage;
+    # train.py records the sha256 of the one it used (HF dirs and older checkpoints have none)
+    if ckpt.get("tokenizer_sha256") and file_sha256(tok_path) != ckpt["tokenizer_sha256"]:
+        hint = os.path.join(ckpt.get("dataset") or "DATA_DIR", "tokenizer.bpe")
+        raise ValueError(f"{tok_path} is not the tokenizer {paths[0]} was trained with (its "
+                         f"sha256 differs from the one the checkpoint records); copy {hint} into "
+                         f"{out_dir}, or retrain")
     tok = Tokenizer.load(tok_path)
+    if ckpt.get("vocab_size") and ckpt["vocab_size"] != tok.n_vocab:  # another run's tokenizer: wrong text, or ids the model lacks
+        raise ValueError(f"{tok_path} has {tok.n_vocab} tokens but {paths[0]} was trained with {ckpt['vocab_size']}; "
+                         f"copy the tokenizer.bpe of its training run (from {ckpt.get('dataset') or 'its dataset'}) "
+                         f"into {out_dir}")
     vocab_limit = int(ckpt.get("vocab_size") or tok.n_vocab)
     print(f"loaded {paths[0]} (step {ckpt.get('step', '?')}, {model.num_params() / 1e6:.2f}M params)", file=sys.stderr)
     return model.eval(), tok, min(vocab_limit, model.config.vocab_size)
@@ -145,8 +156,11 @@ def read_prompts(prompt: str, lines: bool) -> list[str]:
         path = prompt[len("FILE:"):]
         if not os.path.isfile(path):
             raise FileNotFoundError(f"prompt file {path} does not exist; pass --prompt=FILE:path to an existing UTF-8 file")
-        with open(path, encoding="utf-8") as f:
-            prompt = f.read()
+        try:
+            with open(path, encoding="utf-8") as f:
+                prompt = f.read()
+        except UnicodeDecodeError:
+            raise ValueError(f"prompt file {path} is not UTF-8 text; re-encode it, e.g. iconv -f latin1 -t UTF-8") from None
     if lines:
         prompts = [ln for ln in prompt.splitlines() if ln.strip()]
         if not prompts:

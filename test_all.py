@@ -55,7 +55,34 @@ from model import GPT, PRESETS, GPTConfig
 # tokenizer.py: byte-level BPE
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-SHAKESPEARE = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt")
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib_corpus() -> str:
+    """~1.2 MB of text every clone has (STYLE.md rule 16): this Python's top-level public stdlib
+    modules (os.path.dirname(os.__file__), *.py not starting with "_", sorted by name), joined.
+    Cleaned as prepare.py cleans (\\n line ends, NFC, no control characters but \\t and \\n), so
+    a test comparing exact bytes through prepare.py can. Same Python version -> same text."""
+    root, parts, n = os.path.dirname(os.__file__), [], 0
+    for name in sorted(os.listdir(root)):
+        if not name.endswith(".py") or name.startswith("_") or n >= 1_200_000:
+            continue
+        with open(os.path.join(root, name), "rb") as f:
+            try:
+                text = f.read().decode("utf-8")
+            except UnicodeDecodeError:  # a few test-data files are latin-1: leave them out
+                continue
+        text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n").lstrip("\ufeff"))
+        parts.append(prepare._CONTROL.sub("", text))
+        n += len(parts[-1])
+    return "".join(parts)
+
+
+def _stdlib_text(n_chars: int) -> str:
+    """The first n_chars characters of _stdlib_corpus (the suite's stand-in for Tiny Shakespeare)."""
+    text = _stdlib_corpus()
+    assert len(text) >= n_chars, f"this Python's stdlib gave {len(text)} characters, fewer than {n_chars}"
+    return text[:n_chars]
 
 # A corpus with a bit of everything the encoders must agree on.
 TOKENIZER_SAMPLES = [
@@ -75,9 +102,8 @@ TOKENIZER_SAMPLES = [
 
 
 @pytest.fixture(scope="module")
-def shakespeare_tok():
-    with open(SHAKESPEARE, encoding="utf-8") as f:
-        text = f.read()
+def stdlib_tok():
+    text = _stdlib_text(310_000)
     return Tokenizer.train(text[:300_000], vocab_size=1024), text
 
 
@@ -95,8 +121,8 @@ def test_tokenizer_tie_break_is_smallest_pair():
     assert tok.vocab[256] == b"ab"
 
 
-def test_tokenizer_fast_and_slow_agree_on_samples(shakespeare_tok):
-    tok, text = shakespeare_tok
+def test_tokenizer_fast_and_slow_agree_on_samples(stdlib_tok):
+    tok, text = stdlib_tok
     for s in TOKENIZER_SAMPLES + [text[300_000:310_000]]:
         assert tok.encode(s) == tok.encode_slow(s), s
         assert tok.decode(tok.encode(s)) == s
@@ -130,8 +156,7 @@ _TOKENIZER_CACHE = {}
 
 def _tokenizer_small():
     if "small" not in _TOKENIZER_CACHE:
-        with open(SHAKESPEARE, encoding="utf-8") as f:
-            _TOKENIZER_CACHE["small"] = Tokenizer.train(f.read()[:100_000] + "".join(TOKENIZER_SAMPLES), 600)
+        _TOKENIZER_CACHE["small"] = Tokenizer.train(_stdlib_text(100_000) + "".join(TOKENIZER_SAMPLES), 600)
     return _TOKENIZER_CACHE["small"]
 
 
@@ -150,8 +175,7 @@ def test_tokenizer_lone_surrogates_become_replacement():
 
 
 def test_tokenizer_training_is_deterministic_and_order_independent():
-    with open(SHAKESPEARE, encoding="utf-8") as f:
-        docs = f.read()[:120_000].split("\n\n")
+    docs = _stdlib_text(120_000).split("\n\n")
     a = Tokenizer.train(docs, 700)
     shuffled = docs[:]
     random.Random(1).shuffle(shuffled)
@@ -222,8 +246,8 @@ def test_tokenizer_specials_cannot_be_injected():
     assert tok.decode([tok.eot_id]) == "<|endoftext|>"
 
 
-def test_tokenizer_save_load_identity(tmp_path, shakespeare_tok):
-    tok, text = shakespeare_tok
+def test_tokenizer_save_load_identity(tmp_path, stdlib_tok):
+    tok, text = stdlib_tok
     path = tmp_path / "tok.bpe"
     tok.save(str(path))
     back = Tokenizer.load(str(path))
@@ -386,8 +410,7 @@ def test_tokenizer_parse_config_types_and_errors(capsys):
 def test_tokenizer_cli_train_encode_stats(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    with open(SHAKESPEARE, encoding="utf-8") as f:
-        (corpus / "a.txt").write_text("hello world\n" + f.read()[:20_000])
+    (corpus / "a.txt").write_text("hello world\n" + _stdlib_text(20_000), encoding="utf-8")
     out = tmp_path / "t.bpe"
     run = lambda *args: subprocess.run([sys.executable, os.path.join(ROOT, "tokenizer.py"), *args],
                                        capture_output=True, text=True, cwd=tmp_path)
@@ -410,19 +433,6 @@ def test_tokenizer_cli_train_encode_stats(tmp_path):
 # prepare.py: corpus -> shards
 
 # Tests for prepare.py: shard format, cleaning counts, exact bytes, splits, downloads, idempotence.
-
-
-def _prepare_shared_file(name):
-    # the shared data folder sits beside the project root (../shared/data)
-    here = os.path.dirname(os.path.abspath(__file__))
-    for up in ("..", os.path.join("..", "..")):
-        p = os.path.join(here, up, "shared", "data", name)
-        if os.path.exists(p):
-            return p
-    return None
-
-
-_PREPARE_SHAKESPEARE = _prepare_shared_file("tinyshakespeare.txt")
 
 
 def _prepare_tokens(folder, split):
@@ -458,6 +468,18 @@ class _PrepareHandler(http.server.SimpleHTTPRequestHandler):
             self.wfile.write(body)
             self.close_connection = True
             return
+        if self.path == "/nolength.txt":  # 4,800 bytes and no Content-Length: closing ends them
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"a line of a file that never says how long it is\n" * 100)
+            self.close_connection = True
+            return
+        if self.path == "/redirect-ftp.txt":  # urllib's own redirect handler would follow this one
+            self.send_response(302)
+            self.send_header("Location", "ftp://127.0.0.1:9/x.txt")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         super().do_GET()
 
     def log_message(self, *args):
@@ -478,9 +500,8 @@ def _prepare_server(tmp_path):
 
 @pytest.fixture(scope="module")
 def _prepare_tok(tmp_path_factory):
-    """A small BPE trained once on Shakespeare-like text (or the crafted corpus) and saved."""
-    text = open(_PREPARE_SHAKESPEARE).read()[:200_000] if _PREPARE_SHAKESPEARE else "hello world\n" * 1000
-    tok = Tokenizer.train(text, 400)
+    """A small BPE trained once on 200 KB of stdlib source and saved."""
+    tok = Tokenizer.train(_stdlib_text(200_000), 400)
     path = str(tmp_path_factory.mktemp("tok") / "tokenizer.bpe")
     tok.save(path)
     return tok, path
@@ -694,23 +715,34 @@ def test_prepare_download_url_and_truncation(tmp_path, _prepare_server, _prepare
     assert sorted(os.listdir(out)) == before and os.listdir(out / "downloads") == downloads  # nothing left behind
 
 
-@pytest.mark.skipif(_PREPARE_SHAKESPEARE is None, reason="needs ../shared/data/tinyshakespeare.txt")
-def test_prepare_shakespeare_from_mirror(tmp_path, _prepare_server, _prepare_tok):
+def test_prepare_shakespeare_from_mirror(tmp_path, _prepare_server, _prepare_tok, monkeypatch):
+    # The named-dataset path (mirror URL, download, size + sha256 check, 90/10 single-file split)
+    # on stand-in text: the mirror serves stdlib text a little longer than one read block (as the
+    # real 1.1 MB file is), and the DATASETS entry is told that text's size and sha256.
     www, base = _prepare_server
-    (www / "tinyshakespeare.txt").write_bytes(open(_PREPARE_SHAKESPEARE, "rb").read())
+    raw = _stdlib_text(prepare.BATCH_BYTES + 100_000).encode("utf-8")
+    monkeypatch.setitem(prepare.DATASETS["shakespeare"], "bytes", len(raw))
+    monkeypatch.setitem(prepare.DATASETS["shakespeare"], "sha256", hashlib.sha256(raw).hexdigest())
+    (www / "tinyshakespeare.txt").write_bytes(raw)
     tok, tok_path = _prepare_tok
     cfg = PrepareConfig(dataset="shakespeare", out_dir=str(tmp_path), base_url=base, tokenizer=tok_path)
     folder = prepare.prepare(cfg)
     assert folder == os.path.join(str(tmp_path), "shakespeare")
     meta, val = _prepare_tokens(folder, "val")
-    train, raw = _prepare_tokens(folder, "train")[1], open(_PREPARE_SHAKESPEARE, "rb").read()
+    train = _prepare_tokens(folder, "train")[1]
+    assert open(os.path.join(str(tmp_path), "downloads", "tinyshakespeare.txt"), "rb").read() == raw
     assert meta["config"]["val_fraction"] == 0.1  # the dataset's default, nanoGPT's 90/10 split
     cut = meta["splits"]["train"]["bytes"]
-    assert cut + meta["splits"]["val"]["bytes"] == len(raw) == 1115394 and raw[cut - 1:cut] == b"\n"
+    # val starts at the last line start before 90% of the bytes (an independent restatement)
+    assert cut == raw.rfind(b"\n", 0, int(len(raw) * 0.9)) + 1
+    assert cut + meta["splits"]["val"]["bytes"] == len(raw) and raw[cut - 1:cut] == b"\n"
     assert tok.decode(train[1:].tolist()) + tok.decode(val[1:].tolist()) == raw.decode()
     # a mirror serving the wrong file is caught by the size/sha256 check, leaving nothing behind
     (www / "tinyshakespeare.txt").write_bytes(raw[:-10] + b"0123456789")
     with pytest.raises(RuntimeError, match="sha256"):
+        prepare.prepare(PrepareConfig(dataset="shakespeare", out_dir=str(tmp_path / "x"), base_url=base))
+    (www / "tinyshakespeare.txt").write_bytes(raw[:-10])  # and a short one by the size check
+    with pytest.raises(RuntimeError, match=f"expected {len(raw)}"):
         prepare.prepare(PrepareConfig(dataset="shakespeare", out_dir=str(tmp_path / "x"), base_url=base))
     assert os.listdir(tmp_path / "x" / "downloads") == []
 
@@ -843,6 +875,99 @@ def test_prepare_bad_input(tmp_path, _prepare_tok, capsys):
     with pytest.raises(SystemExit) as e:
         prepare.main(["--vocab_sise=300"])
     assert e.value.code == 2
+
+
+# -----------------------------------------------------------------------------
+# Reliability: neither split empty, downloads capped and http(s) only
+
+
+def _prepare_hash(doc_id):
+    return int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "little")
+
+
+def _prepare_docs_by_split(folder):
+    """{split: sorted decoded documents} of a prepared folder."""
+    tok = Tokenizer.load(os.path.join(folder, "tokenizer.bpe"))
+    tokens = {s: _prepare_tokens(folder, s)[1] for s in ("train", "val")}
+    return {s: sorted(map(tok.decode, _prepare_split_docs(t, tok.eot_id))) for s, t in tokens.items()}
+
+
+def test_prepare_small_corpus_always_gets_a_val_document(tmp_path, capsys):
+    # 33 names the 5% path hash all sends to train (18% of 33-document corpora: 0.95**33)
+    names = [n for n in (f"n{i:02d}.txt" for i in range(99)) if not _prepare_in_val(n, 0.05)][:33]
+    text = {n: f"{n}: a small document, but long enough to keep\n" for n in names}
+    (tmp_path / "c").mkdir()
+    for n in names:
+        (tmp_path / "c" / n).write_text(text[n])
+    cfg = PrepareConfig(dataset=str(tmp_path / "c"), out_dir=str(tmp_path / "d"), vocab_size=300,
+                        workers=1)
+    folder = prepare.prepare(cfg)
+    assert "so that neither split is empty" in capsys.readouterr().out
+    moved = min(names, key=_prepare_hash)  # the reference: the hash closest above the threshold
+    train = [text[n] for n in names if n != moved]
+    assert _prepare_docs_by_split(folder) == {"train": sorted(train), "val": [text[moved]]}
+    # the tokenizer was trained on the final train split only (rebuilt after the move)
+    want = Tokenizer.train(train, 300)
+    assert Tokenizer.load(os.path.join(folder, "tokenizer.bpe")).ranks == want.ranks
+    # deterministic: a second build gives the same bytes, and the first one counts as up to date
+    again = prepare.prepare(dataclasses.replace(cfg, out_dir=str(tmp_path / "d2")))
+    for name in ("tokenizer.bpe", "train_000.bin", "val_000.bin"):
+        with open(os.path.join(folder, name), "rb") as a, open(os.path.join(again, name), "rb") as b:
+            assert a.read() == b.read()
+    capsys.readouterr()
+    assert prepare.prepare(cfg) == folder and "up to date" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.95])
+def test_prepare_two_documents_give_one_train_one_val(tmp_path, _prepare_tok, fraction):
+    # two names the hash puts in the same split: all train at 0.05, all val at 0.95
+    all_val = fraction > 0.5
+    same = [n for n in (f"d{i}.md" for i in range(99)) if _prepare_in_val(n, fraction) == all_val]
+    text = {n: f"{n} holds one short paragraph of text\n" for n in same[:2]}
+    (tmp_path / "c").mkdir()
+    for n in text:
+        (tmp_path / "c" / n).write_text(text[n])
+    folder = prepare.prepare(PrepareConfig(dataset=str(tmp_path / "c"), out_dir=str(tmp_path / "d"),
+                                           tokenizer=_prepare_tok[1], val_fraction=fraction))
+    # the document nearest the threshold moves: at 0.05 the lower hash to val, at 0.95 the higher
+    # one to train; either way the lower hash ends in val
+    val, train = sorted(text, key=_prepare_hash)
+    assert _prepare_docs_by_split(folder) == {"train": [text[train]], "val": [text[val]]}
+    meta = json.load(open(os.path.join(folder, "meta.json")))
+    assert meta["splits"]["train"]["documents"] == meta["splits"]["val"]["documents"] == 1
+
+
+def test_prepare_download_cap_and_http_only(tmp_path, _prepare_server, _prepare_tok):
+    www, base = _prepare_server
+    (www / "big.txt").write_text("a line of a file that says how long it is\n" * 100)  # 4,200 bytes
+    out = tmp_path / "d"
+
+    def refused(error, words, **kw):
+        with pytest.raises(error, match=words):
+            prepare.prepare(PrepareConfig(out_dir=str(out), tokenizer=_prepare_tok[1], **kw))
+        assert not (out / "downloads").exists() or os.listdir(out / "downloads") == []  # no partial
+
+    # over the cap: by Content-Length before reading, and by bytes received when there is no length
+    refused(RuntimeError, r"is 4,200 bytes \(Content-Length\), over the --max_download_mb=0.004",
+            dataset=f"{base}/big.txt", max_download_mb=0.004)
+    refused(RuntimeError, "sent more than the --max_download_mb=0.004 cap allows",
+            dataset=f"{base}/nolength.txt", max_download_mb=0.004)
+    refused(ValueError, "must be >= 0", dataset=f"{base}/big.txt", max_download_mb=-1)
+    # only http(s): file:// and ftp:// URLs, a file:// mirror and a redirect to ftp:// are refused
+    (tmp_path / "local.txt").write_text("a local file that file:// would read\n" * 10)
+    refused(ValueError, "uses file://, but only http:// and https:// are downloaded",
+            dataset=(tmp_path / "local.txt").as_uri())
+    refused(ValueError, "uses ftp://, but only http", dataset="ftp://127.0.0.1:9/x.txt")
+    refused(ValueError, "uses file://, but only", dataset="shakespeare", base_url=tmp_path.as_uri())
+    refused(ValueError, r"ftp://127.0.0.1:9/x.txt \(redirected from .*/redirect-ftp.txt\) uses ftp",
+            dataset=f"{base}/redirect-ftp.txt")
+    # under the cap, or with 0 = no cap, the same files download whole
+    for name, cap, size in (("big.txt", 0.0045, 4200), ("nolength.txt", 0, 4800)):
+        cfg = PrepareConfig(dataset=f"{base}/{name}", out_dir=str(out), name=name[:-4],
+                            tokenizer=_prepare_tok[1], max_download_mb=cap)
+        folder = prepare.prepare(cfg)
+        meta = json.load(open(os.path.join(folder, "meta.json")))
+        assert meta["splits"]["train"]["bytes"] + meta["splits"]["val"]["bytes"] == size
 
 
 # -----------------------------------------------------------------------------
@@ -1319,6 +1444,61 @@ def test_model_from_pretrained_rejects_bad_directories(tmp_path):
         GPT.from_pretrained(str(tmp_path))
 
 
+@_model_1t
+def test_model_save_hf_files_follow_the_umask(tmp_path, monkeypatch):
+    pytest.importorskip("safetensors")
+    m = _model_build("llama")
+    old = os.umask(0o022)
+    try:
+        for umask in (0o022, 0o027):
+            os.umask(umask)
+            (tmp_path / f"ref{umask:o}").write_text("")  # the reference: the mode open() gives
+            want = os.stat(tmp_path / f"ref{umask:o}").st_mode & 0o777
+            assert want == 0o666 & ~umask
+            for weights in ("model.safetensors", "pytorch_model.bin"):
+                out = tmp_path / f"{umask:o}-{weights}"
+                with monkeypatch.context() as mp:
+                    if weights == "pytorch_model.bin":  # the fallback when safetensors is missing
+                        mp.setitem(sys.modules, "safetensors", None)
+                        mp.setitem(sys.modules, "safetensors.torch", None)
+                    m.save_hf(str(out))
+                modes = {n: os.stat(out / n).st_mode & 0o777 for n in os.listdir(out)}
+                assert modes == {"config.json": want, weights: want}
+    finally:
+        os.umask(old)
+
+
+@_model_1t
+def test_model_from_pretrained_refuses_shards_outside_the_directory(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    m = _model_build("llama")
+    hf, shard = tmp_path / "hf", "model-00001-of-00001.safetensors"
+    m.save_hf(str(hf))
+    os.rename(hf / "model.safetensors", hf / shard)
+    keys = list(safetensors.load_file(str(hf / shard)))
+    index = hf / "model.safetensors.index.json"
+
+    def load(name):
+        index.write_text(json.dumps({"metadata": {}, "weight_map": dict.fromkeys(keys, name)}))
+        return GPT.from_pretrained(str(hf))
+
+    torch.testing.assert_close(load(shard).state_dict(), m.state_dict())  # reference: a valid index
+    # the Hugging Face cache layout: the shard is a symlink to ../../blobs/HASH, which is fine
+    (tmp_path / "blobs").mkdir()
+    os.replace(hf / shard, tmp_path / "blobs" / "0123abcd")
+    os.symlink(os.path.join("..", "blobs", "0123abcd"), hf / shard)
+    torch.testing.assert_close(load(shard).state_dict(), m.state_dict())
+    # each hostile name points at a loadable copy, so only the check stands between it and the load
+    shutil.copy(tmp_path / "blobs" / "0123abcd", tmp_path / "outside.safetensors")
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(tmp_path / "blobs" / "0123abcd", tmp_path / "elsewhere" / shard)
+    os.symlink(tmp_path / "elsewhere", hf / "link")
+    for bad in ("../outside.safetensors", str(tmp_path / "outside.safetensors"), f"link/{shard}"):
+        with pytest.raises(ValueError) as e:
+            load(bad)
+        assert f"{index} lists the shard {bad!r}, which is not a file inside" in str(e.value)
+
+
 # ----------------------------------------------------------------------------------------
 # GPU only
 
@@ -1341,11 +1521,10 @@ def test_model_cuda_bf16_sdpa_matches_fp32():
 # -----------------------------------------------------------------------------
 # train.py: pretraining
 
-# Tests for train.py: tiny models on a tiny Shakespeare dataset built in a temporary directory.
+# Tests for train.py: tiny models on a tiny stdlib-source dataset built in a temporary directory.
 
 
 _TRAIN_ROOT = os.path.dirname(os.path.abspath(__file__))
-_TRAIN_TEXT = os.path.join(_TRAIN_ROOT, "..", "shared", "data", "tinyshakespeare.txt")
 
 
 def _train_write_dataset(path, tok, train_ids, val_ids, train_text, val_text):
@@ -1367,9 +1546,8 @@ def _train_write_dataset(path, tok, train_ids, val_ids, train_text, val_text):
 
 @pytest.fixture(scope="module")
 def _train_data(tmp_path_factory):
-    """A ~40 KB Shakespeare dataset with a 300-token BPE: (data_dir, tokenizer)."""
-    with open(_TRAIN_TEXT, encoding="utf-8") as f:
-        text = f.read()[:40000]
+    """A ~40 KB dataset (stdlib source) with a 300-token BPE: (data_dir, tokenizer)."""
+    text = _stdlib_text(40000)
     tok = Tokenizer.train(text[:20000], 300)
     train_text, val_text = text[:36000], text[36000:]
     train_ids = [tok.eot_id] + tok.encode(train_text)
@@ -1529,6 +1707,7 @@ def test_train_ddp_two_processes_match_one(_train_data, tmp_path):
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
 @pytest.mark.parametrize("adjust", ["match_rms_adamw", "original"])
 def test_train_muon32_matches_torch_muon(adjust):
     # reference: torch.optim.Muon itself (Newton-Schulz in bfloat16), so agreement is to bf16 precision
@@ -1658,14 +1837,231 @@ def test_train_sigterm_saves_and_exits_cleanly(_train_data, tmp_path):
 
 def test_train_prepares_a_missing_dataset_in_process(tmp_path):
     # a text file as --dataset: train.py runs prepare.py's pipeline on it first, then trains
-    with open(_TRAIN_TEXT, encoding="utf-8") as f:
-        (tmp_path / "plays.txt").write_text(f.read()[:30000], encoding="utf-8")
+    (tmp_path / "plays.txt").write_text(_stdlib_text(30000), encoding="utf-8")
     s = train.train(train.TrainConfig(dataset=str(tmp_path / "plays.txt"), data_dir=str(tmp_path / "data"),
                                       out_dir=str(tmp_path / "out"), device="cpu", n_layer=1, n_embd=32, n_head=2,
                                       block_size=16, batch_size=2, max_steps=2, eval_batches=1, sample_tokens=4))
     meta = json.load(open(tmp_path / "data" / "plays" / "meta.json"))
     ck = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert s["step"] == 2 and ck["vocab_size"] == meta["vocab_size"] and ck["dataset"] == str(tmp_path / "data" / "plays")
+
+
+def test_train_best_pt_follows_the_final_evaluation(_train_data, tmp_path):
+    # a run stopped by --max_minutes before its first evaluation: the evaluation at the stop
+    # must still write best.pt, and best.pt must be that very checkpoint
+    data_dir, _ = _train_data
+    out = tmp_path / "out"
+    s = train.train(_train_cfg(data_dir, out, max_steps=100000, eval_interval=100000, max_minutes=0.01))
+    assert s["stop_reason"].startswith("reached max_minutes") and 0 < s["step"] < 100000
+    best = torch.load(out / "best.pt", weights_only=True)
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert best["step"] == ck["step"] == ck["best_step"] == s["step"]
+    assert best["best_val_loss"] == s["val_loss"] == s["best_val_loss"]
+    assert all(torch.equal(best["model"][k], ck["model"][k]) for k in ck["model"])
+
+
+def test_train_fresh_run_clears_an_earlier_runs_files(_train_data, tmp_path, capsys):
+    data_dir, _ = _train_data
+    out = tmp_path / "out"
+    train.train(_train_cfg(data_dir, out, max_steps=6, eval_interval=3))
+    (out / "ckpt.pt.tmp").write_bytes(b"left by a crash")
+    old_run = torch.load(out / "best.pt", weights_only=True)["run_id"]
+    capsys.readouterr()
+    train.train(_train_cfg(data_dir, out, max_steps=2, eval_interval=100))
+    assert "holds an earlier run" in capsys.readouterr().out
+    best = torch.load(out / "best.pt", weights_only=True)
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert best["run_id"] == ck["run_id"] != old_run and best["step"] == 2
+    assert max(json.loads(line)["step"] for line in open(out / "log.jsonl")) == 2
+    assert not (out / "ckpt.pt.tmp").exists()
+
+
+def test_train_resume_continues_the_clock(_train_data, tmp_path):
+    data_dir, _ = _train_data
+    out = tmp_path / "out"
+    kw = dict(max_steps=8, eval_interval=3, log_interval=1, max_minutes=1.0, schedule="wsd", decay_frac=0.5,
+              min_lr_ratio=0.0, optimizer="adamw")
+    train.train(_train_cfg(data_dir, out, stop_step=3, **kw))
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert 0 < ck["elapsed"] < 60
+
+    def resume_at(seconds):  # pretend the first part of the run took `seconds` of the 60 s budget
+        ck["elapsed"] = seconds
+        torch.save(ck, out / "ckpt.pt")
+        return train.train(_train_cfg(data_dir, out, resume=True, **kw))
+
+    # 45 of 60 s gone: wsd with decay_frac 0.5 is 3/4 of the way, so the lr is about half the peak;
+    # a clock that restarted would be at 3/8 of the steps, still at the peak
+    s = resume_at(45.0)
+    rows = [json.loads(line) for line in open(out / "log.jsonl")]
+    first = next(r for r in rows if r["step"] == 4 and "lr" in r)
+    assert 0.3 * 3e-3 < first["lr"] < 0.55 * 3e-3 and first["time"] >= 45.0
+    # the whole budget already spent: the resumed run stops at once
+    s = resume_at(60.0)
+    assert s["step"] == 3 and s["stop_reason"] == "reached max_minutes=1.0"
+
+
+def test_train_nonfinite_reload_refuses_another_runs_checkpoint(_train_data, tmp_path, monkeypatch):
+    data_dir, _ = _train_data
+    train.train(_train_cfg(data_dir, tmp_path / "other", max_steps=2, eval_interval=2))
+    foreign = str(tmp_path / "other" / "ckpt.pt")
+    # while this run saves its own ckpt.pt, another run's file takes its place
+    monkeypatch.setitem(train.FAULTS, "before_rename",
+                        lambda tmp: shutil.copyfile(foreign, tmp) if tmp.endswith("ckpt.pt.tmp") else None)
+    monkeypatch.setitem(train.FAULTS, "nan_steps", (3, 4, 5))
+    with pytest.raises(RuntimeError, match="not written by this run"):
+        train.train(_train_cfg(data_dir, tmp_path / "out", max_steps=8, eval_interval=2))
+
+
+def _train_fake_cuda(monkeypatch, capability, calls):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", str(d))))
+
+    def get_capability(d=None):
+        calls.append(("capability", str(d)))
+        return capability
+
+    def no_emulation_probe(*a, **k):
+        raise AssertionError("is_bf16_supported() counts emulated bf16; use the compute capability")
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", get_capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", no_emulation_probe)
+
+
+@pytest.mark.parametrize("capability, dtype", [((7, 0), torch.float16), ((7, 5), torch.float16),
+                                               ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_train_cuda_dtype_from_compute_capability(monkeypatch, capability, dtype):
+    # V100 (7.0) and T4 (7.5) emulate bf16: fp16 with a GradScaler; A100 (8.0) and H100 (9.0): bf16
+    calls = []
+    _train_fake_cuda(monkeypatch, capability, calls)
+    device, got, why = train.choose_device(train.TrainConfig(), local_rank=1)
+    assert str(device) == "cuda:1" and got == dtype and f"{capability[0]}.{capability[1]}" in why
+    # the process's GPU is chosen before the first query, so DDP ranks never open a context on GPU 0
+    assert calls[0] == ("set_device", "cuda:1") and ("capability", "cuda:1") in calls
+
+
+def test_train_fp16_grad_scaler_is_checkpointed_and_bad_losses_count(_train_data, tmp_path, monkeypatch):
+    # fp16 autocast with a GradScaler runs on the CPU too, so its bookkeeping is tested here
+    data_dir, _ = _train_data
+    kw = dict(dtype="float16", max_steps=6, eval_interval=3, optimizer="adamw", dropout=0.1)
+    straight = train.train(_train_cfg(data_dir, tmp_path / "a", **kw))
+    train.train(_train_cfg(data_dir, tmp_path / "b", stop_step=3, **kw))
+    part = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["scaler"]
+    assert part["scale"] > 0 and part["_growth_tracker"] == 3
+    train.train(_train_cfg(data_dir, tmp_path / "b", resume=True, **kw))
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
+    assert a["scaler"] == b["scaler"] and a["scaler"]["_growth_tracker"] == 6
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # a NaN loss under fp16 is a bad step (it used to be handed to the scaler and never counted):
+    # three in a row reload the last checkpoint with half the learning rate
+    monkeypatch.setitem(train.FAULTS, "nan_steps", (3, 4, 5))
+    s = train.train(_train_cfg(data_dir, tmp_path / "nan", **{**kw, "max_steps": 8}))
+    ck = torch.load(tmp_path / "nan" / "ckpt.pt", weights_only=True)
+    assert s["skipped_steps"] == 3 and ck["lr_scale"] == 0.5 and math.isfinite(s["val_loss"])
+    assert straight["skipped_steps"] == 0
+
+
+def test_train_evaluation_never_makes_float64_tensors(_train_data):
+    # Apple's MPS has no float64: every tensor evaluate_windows makes must be float32 or narrower;
+    # the float64 sum is taken in Python on the CPU. Reference: the per-batch losses by hand.
+    from torch.utils._python_dispatch import TorchDispatchMode
+    data_dir, tok = _train_data
+
+    class RecordDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.dtypes.add(t.dtype)
+            return out
+
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=320, block_size=32, n_layer=1, n_head=2, n_embd=32))
+    windows = train.TokenWindows(data_dir, train.load_meta(data_dir), "val", 32, 0).fixed_windows(7)
+    with RecordDtypes() as rec:
+        loss, tokens = train.evaluate_windows(m, windows, 3, torch.device("cpu"))
+    assert torch.float64 not in rec.dtypes and torch.float32 in rec.dtypes
+    with torch.no_grad():
+        parts = [(m(torch.from_numpy(w[:, :-1]), torch.from_numpy(w[:, 1:]))[1].item(), w[:, 1:].size)
+                 for w in (windows[i:i + 3] for i in range(0, len(windows), 3))]
+    assert tokens == 7 * 32 and loss == pytest.approx(sum(l * n for l, n in parts) / tokens, rel=1e-6)
+
+
+def test_train_progress_lines_leave_evaluation_time_out(_train_data, tmp_path, monkeypatch):
+    data_dir, _ = _train_data
+    real = train.evaluate_windows
+
+    def slow_eval(*a, **k):  # an evaluation that takes 0.4 s
+        time.sleep(0.4)
+        return real(*a, **k)
+
+    monkeypatch.setattr(train, "evaluate_windows", slow_eval)
+    train.train(_train_cfg(data_dir, tmp_path / "out", max_steps=8, eval_interval=2, log_interval=2))
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "log.jsonl")]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 4, 6, 8]
+    for prev, r in zip(steps[1:], steps[2:]):  # an evaluation between each pair of these lines
+        # tokens/s over the interval, on the training clock, which leaves the evaluation out
+        assert r["tok_per_s"] == pytest.approx((r["tokens"] - prev["tokens"]) / (r["train_time"] - prev["train_time"]))
+        assert r["train_time"] - prev["train_time"] < r["time"] - prev["time"] - 0.35
+    assert steps[-1]["train_time"] < steps[-1]["time"] - 3 * 0.4
+
+
+def test_train_oom_fallback_frees_the_failed_step_before_emptying_the_cache(_train_data, tmp_path, monkeypatch):
+    import weakref
+    data_dir, _ = _train_data
+    alive = []  # when the cleanup starts: is the failed forward's (B, T, V) logits tensor still alive?
+    refs = []
+    real_free = train.free_failed_step
+
+    def watch(*a):
+        alive.append(refs[-1]() is not None)
+        return real_free(*a)
+
+    real_init = train.GPT.__init__
+
+    def init_with_hook(self, *a, **k):
+        real_init(self, *a, **k)
+        self.lm_head.register_forward_hook(lambda mod, inp, out: refs.append(weakref.ref(out)))
+
+    monkeypatch.setattr(train.GPT, "__init__", init_with_hook)
+    monkeypatch.setattr(train, "free_failed_step", watch)
+    monkeypatch.setitem(train.FAULTS, "oom", 1)
+    s = train.train(_train_cfg(data_dir, tmp_path / "oom", max_steps=2, batch_size=4))
+    assert alive == [False] and s["batch_size"] == 2
+
+
+def test_train_checkpoint_is_fsynced_around_the_rename(_train_data, tmp_path, monkeypatch):
+    # durable against a power loss: the file's data reaches the disk before its new name, and the
+    # directory entry after the rename
+    data_dir, _ = _train_data
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(a, b):
+        events.append(("replace", os.path.realpath(a), os.path.realpath(b)))
+        return real_replace(a, b)
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc to name file descriptors")
+    monkeypatch.setattr(train.os, "fsync", fsync)
+    monkeypatch.setattr(train.os, "replace", replace)
+    out = os.path.realpath(tmp_path / "out")
+    train.train(_train_cfg(data_dir, out, max_steps=2, eval_interval=2))
+    monkeypatch.undo()
+    for name in ("ckpt.pt", "best.pt"):
+        path = os.path.join(out, name)
+        i = events.index(("replace", path + ".tmp", path))
+        assert events[i - 1] == ("fsync", path + ".tmp") and events[i + 1] == ("fsync", out)
+
 
 
 # -----------------------------------------------------------------------------
@@ -1683,12 +2079,7 @@ _sample_EXTRA = "Caf\u00e9 cr\u00e8me, \u00fcber na\u00efve \u20ac5 \u65e5\u672c
 
 
 def _sample_text() -> str:
-    for base in (_sample_ROOT, os.path.dirname(_sample_ROOT)):
-        path = os.path.join(base, "..", "shared", "data", "tinyshakespeare.txt")
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                return f.read(30_000)
-    return "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 200
+    return _stdlib_text(30_000)
 
 
 def _sample_write_ckpt(out_dir, tok, seed=0, block_size=64):
@@ -1987,6 +2378,43 @@ def test_sample_chat_repl_through_a_pipe(sample_env):
 
 
 # -----------------------------------------------------------------------------
+# The tokenizer beside a checkpoint must be the one it was trained with
+
+
+def test_sample_refuses_a_tokenizer_the_checkpoint_was_not_trained_with(sample_env, tmp_path,
+                                                                         capsys):
+    out = _sample_write_ckpt(str(tmp_path / "out"), sample_env["tok"])
+    ckpt_path, tok_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "tokenizer.bpe")
+    ck = torch.load(ckpt_path, weights_only=True)
+    with open(tok_path, "rb") as f:  # what train.py records, computed here with hashlib itself
+        ck.update(tokenizer_sha256=hashlib.sha256(f.read()).hexdigest(), dataset="data/plays")
+    torch.save(ck, ckpt_path)
+    assert sample.load_for_sampling(out)[1].ranks == sample_env["tok"].ranks  # the right one loads
+    # another BPE of the same size loads without complaint on its own, so only the hash catches it
+    other = Tokenizer.train(_sample_text()[:5000][::-1], vocab_size=300)
+    assert other.n_vocab == sample_env["tok"].n_vocab and other.ranks != sample_env["tok"].ranks
+    other.save(tok_path)
+    with pytest.raises(ValueError) as e:
+        sample.load_for_sampling(out)
+    message = str(e.value)
+    hint = os.path.join("data/plays", "tokenizer.bpe")
+    assert message == (f"{tok_path} is not the tokenizer {ckpt_path} was trained with (its sha256 "
+                       f"differs from the one the checkpoint records); copy {hint} into {out}, "
+                       f"or retrain")
+    with pytest.raises(ValueError, match="is not the tokenizer"):  # bench.py reads the pair too
+        bench.checkpoint_tokenizer(ckpt_path, ck)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        sample.main([f"--out_dir={out}", "--device=cpu"])
+    err = capsys.readouterr().err.strip().splitlines()  # the config lines, then one error line
+    assert e.value.code == 1 and err[-1] == f"error: {message}"
+    assert not any("Traceback" in line for line in err)
+    del ck["tokenizer_sha256"]  # checkpoints without the field (older ones) skip the check
+    torch.save(ck, ckpt_path)
+    assert sample.load_for_sampling(out)[1].ranks == other.ranks
+
+
+# -----------------------------------------------------------------------------
 # bench.py: speed, budgets and evals
 
 # Tests for bench.py: budget arithmetic against hand-computed values, the multiple-choice
@@ -1994,7 +2422,6 @@ def test_sample_chat_repl_through_a_pipe(sample_env):
 # against an independent window loop, and toy-size speed, ladder and inference runs.
 
 
-_BENCH_TEXT = os.path.join(os.path.dirname(os.path.abspath(bench.__file__)), "..", "shared", "data", "tinyshakespeare.txt")
 _BENCH_MC = os.path.join(os.path.dirname(os.path.abspath(bench.__file__)), "evals", "mc_tiny.jsonl")
 
 
@@ -2144,8 +2571,7 @@ def test_bench_read_mc_formats(tmp_path):
 def _bench_ckpt(tmp_path_factory):
     from tokenizer import Tokenizer
     d = tmp_path_factory.mktemp("bench_ckpt")
-    with open(_BENCH_TEXT, encoding="utf-8") as f:
-        text = f.read()[:20000]
+    text = _stdlib_text(20000)
     tok = Tokenizer.train(text, 300)
     tok.save(str(d / "tokenizer.bpe"))
     cfg = _bench_tiny_config(vocab_size=320, block_size=64)  # padded past tok.n_vocab, as train.py does
@@ -2159,8 +2585,7 @@ def _bench_ckpt(tmp_path_factory):
 @pytest.mark.usefixtures("_bench_one_thread")
 def test_bench_bpb_equals_loss_over_ln2_times_tokens_per_byte(_bench_ckpt, tmp_path):
     d, model, tok = _bench_ckpt
-    with open(_BENCH_TEXT, encoding="utf-8") as f:
-        text = f.read()[30000:31000] + " caf\u00e9 \u2014 na\u00efve"  # some multi-byte characters too
+    text = _stdlib_text(31000)[30000:] + " caf\u00e9 \u2014 na\u00efve"  # some multi-byte characters too
     path = tmp_path / "val.txt"
     path.write_text(text, encoding="utf-8")
     res = bench.run(bench.BenchConfig(eval="bpb", ckpt=str(d / "ckpt.pt"), data=str(path), eval_batch=3))
@@ -2184,8 +2609,7 @@ def test_bench_bpb_on_prepared_val_split(_bench_ckpt, tmp_path):
     import hashlib
     from prepare import write_shard
     d, model, tok = _bench_ckpt
-    with open(_BENCH_TEXT, encoding="utf-8") as f:
-        text = f.read()[40000:41500]
+    text = _stdlib_text(41500)[40000:]
     ids = [tok.eot_id] + tok.encode(text)
     write_shard(str(tmp_path / "val_000.bin"), ids)
     sha = hashlib.sha256((d / "tokenizer.bpe").read_bytes()).hexdigest()
@@ -2306,7 +2730,663 @@ def test_bench_cuda_speed_has_mfu():
 
 # -----------------------------------------------------------------------------
 # Chaos suite: kill and resume, malicious files, injected faults, fuzzing
+#
+# Faults injected by tests in the stage sections above, so the suite reads as one list
+# (test_chaos_fault_list_names_real_tests keeps it true):
+#   a full disk while saving a checkpoint          test_train_bad_inputs (torch.save raises ENOSPC)
+#   a NaN loss: skip it; three: reload, lr / 2     test_train_nan_step_is_skipped
+#   a CUDA out-of-memory: halve the micro-batch    test_train_oom_fallback_keeps_global_batch
+#   SIGTERM mid-run: save, exit cleanly            test_train_sigterm_saves_and_exits_cleanly
+#   stop and resume: bit-identical weights         test_train_resume_is_bit_identical
+#   truncated, missing or wrong downloads          test_prepare_download_url_and_truncation
+#                                                  test_prepare_shakespeare_from_mirror
+#   corrupt, truncated or foreign shards           test_prepare_open_shard_rejects_corrupt
+# Below: a malicious pickle offered to every loader, fuzzers for the parsers, a fresh-clone check.
+
+import contextlib
+import itertools
+import pathlib
+import pickle
+import re
+
+
+def test_chaos_fault_list_names_real_tests():
+    # the list above is a comment; this keeps it from naming tests that were renamed or removed
+    with open(os.path.join(ROOT, "test_all.py"), encoding="utf-8") as f:
+        text = f.read()
+    block = text.split("# Faults injected by tests in the stage sections above", 1)[1].split("\n\n", 1)[0]
+    names = re.findall(r"\btest_\w+", block)
+    assert len(names) >= 8 and [n for n in names if not callable(globals().get(n))] == []
+
+
+class _ChaosEvil:
+    """Unpickling this object creates the file `marker`: a harmless stand-in for what a malicious
+    checkpoint does (os.system, a download, ...) the moment an unsafe torch.load reads it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def _chaos_evil_file(path, marker, layout="torch.save"):
+    """Write a checkpoint-shaped dict whose "model" is a _ChaosEvil: torch.save's zip layout (the
+    realistic attack) or one bare pickle (torch's legacy layout)."""
+    payload = {"model": _ChaosEvil(marker), "model_config": {}, "step": 0}
+    if layout == "torch.save":
+        torch.save(payload, str(path))
+    else:
+        with open(path, "wb") as f:
+            pickle.dump(payload, f, protocol=2)  # torch's own protocol (a newer one only adds a warning)
+
+
+@pytest.mark.parametrize("layout", ["torch.save", "pickle"])
+def test_chaos_malicious_payload_is_live(tmp_path, layout):
+    # the reference for the tests below: an unsafe load of the same file does create the marker
+    marker = tmp_path / "pwned"
+    _chaos_evil_file(tmp_path / "evil.pt", marker, layout)
+    with contextlib.suppress(Exception):  # the legacy layout then fails on its missing magic number
+        torch.load(tmp_path / "evil.pt", weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("layout", ["torch.save", "pickle"])
+def test_chaos_malicious_checkpoint_refused_by_train_resume(_train_data, tmp_path, layout):
+    data_dir, _ = _train_data
+    out, marker = tmp_path / "out", tmp_path / "pwned"
+    out.mkdir()
+    _chaos_evil_file(out / "ckpt.pt", marker, layout)
+    with pytest.raises(ValueError, match=r"ckpt\.pt holds Python objects besides tensors") as e:
+        train.train(_train_cfg(data_dir, out, resume=True))  # train.py --resume -> train.load_checkpoint
+    assert "\n" not in str(e.value) and not marker.exists()
+
+
+def test_chaos_malicious_checkpoint_refused_by_sample_and_bench(tmp_path, capsys):
+    out, marker = tmp_path / "out", tmp_path / "pwned"
+    out.mkdir()
+    _chaos_evil_file(out / "best.pt", marker)
+    (tmp_path / "val.txt").write_text("some text to score\n" * 10)
+    for main, argv in ((sample.main, [f"--out_dir={out}", "--device=cpu"]),  # sample.load_for_sampling
+                       (bench.main, ["--eval=bpb", f"--ckpt={out / 'best.pt'}", f"--data={tmp_path / 'val.txt'}",
+                                     "--device=cpu"])):  # bench.run -> train.load_checkpoint
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1].startswith("error: ") and "best.pt holds Python objects" in err
+    assert not marker.exists()
+
+
+def test_chaos_malicious_pytorch_model_bin_refused_by_from_pretrained(tmp_path, capsys):
+    hf, marker = tmp_path / "hf", tmp_path / "pwned"
+    GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16)).save_hf(str(hf))
+    for name in ("model.safetensors", "pytorch_model.bin"):  # only the malicious weights remain
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(hf / name)
+    _chaos_evil_file(hf / "pytorch_model.bin", marker)
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin holds Python objects"):
+        GPT.from_pretrained(str(hf))
+    with pytest.raises(SystemExit) as e:  # and through sample.py --hf: one sentence, no traceback
+        sample.main([f"--hf={hf}", "--device=cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: ")
+    # the sharded layout (pytorch_model.bin.index.json naming its shards) goes the same way
+    os.replace(hf / "pytorch_model.bin", hf / "pytorch_model-00001-of-00001.bin")
+    (hf / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": "pytorch_model-00001-of-00001.bin"}}))
+    with pytest.raises(ValueError, match=r"pytorch_model-00001-of-00001\.bin holds Python objects"):
+        GPT.from_pretrained(str(hf))
+    # torch's legacy layout (one bare pickle) is refused before unpickling: mmap=True needs the zip layout
+    _chaos_evil_file(hf / "pytorch_model-00001-of-00001.bin", marker, layout="pickle")
+    with pytest.raises((ValueError, RuntimeError), match=r"pytorch_model-00001-of-00001\.bin"):
+        GPT.from_pretrained(str(hf))
+    assert not marker.exists()
+
+
+def _chaos_fuzz():
+    """(hypothesis, its strategies, the suite's settings), or a skip of the calling test alone.
+    hypothesis is a test-only dependency that .ci/run installs; importorskip inside each fuzz test
+    (not at module level, which would skip the whole file) keeps the rest of the suite running
+    without it. derandomize=True and no example database: every run tries the same examples."""
+    hyp = pytest.importorskip("hypothesis")
+    fuzz = hyp.settings(max_examples=200, deadline=None, derandomize=True, database=None,
+                        suppress_health_check=[hyp.HealthCheck.too_slow, hyp.HealthCheck.data_too_large])
+    return hyp, hyp.strategies, fuzz
+
+
+def test_chaos_fuzz_tokenizer_round_trips_any_unicode():
+    hyp, st, fuzz = _chaos_fuzz()
+    tok = _tokenizer_small()
+    specials = set(tok.special_tokens.values())
+    # any code point (surrogates included), mixed with the pieces the split regex cares about
+    piece = st.one_of(st.text(st.characters(exclude_categories=())),
+                      st.sampled_from(list(SPECIAL_TOKENS) + ["\ud800", "\udfff", "\ud83d\ude00", "'s", "'LL", " \n",
+                                                              "\r\n", "   ", "12345", "e\u0301", "\ufeff", "\x00"]))
+
+    @fuzz
+    @hyp.given(st.lists(piece, max_size=8).map("".join))
+    def check(s):
+        ids = tok.encode(s)
+        assert ids == tok.encode_slow(s)
+        assert all(0 <= i < tok.n_vocab for i in ids) and not specials & set(ids)  # specials never injected
+        # tiktoken's rule for text UTF-8 cannot hold: a lone surrogate becomes U+FFFD (a pair joins)
+        assert tok.decode(ids) == s.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+    check()
+
+
+def test_chaos_fuzz_open_shard_reads_or_refuses_any_bytes(tmp_path):
+    hyp, st, fuzz = _chaos_fuzz()
+    int32 = st.integers(-2**31, 2**31 - 1)
+    # raw bytes; a 1024-byte header of plausible or random fields; or a valid shard cut or padded
+    header = st.tuples(st.sampled_from(sorted({m for m, _ in prepare.SHARD_FORMATS})) | int32,
+                       st.sampled_from([1, 2, 7]) | int32, st.integers(-2, 40) | int32, st.binary(max_size=16),
+                       st.binary(max_size=120)).map(lambda h: struct.pack("<3i", *h[:3]) + h[3].ljust(1012, b"\0") + h[4])
+    valid = st.tuples(st.sampled_from(sorted(prepare.SHARD_FORMATS)), st.lists(st.integers(0, 65535), max_size=30),
+                      st.integers(-3, 3)).map(lambda v: _chaos_shard_bytes(*v))
+    names = (str(tmp_path / f"fuzz{i}.bin") for i in itertools.count())  # a fresh file each: no remapping
+
+    @fuzz
+    @hyp.given(st.one_of(st.binary(max_size=1100), header, valid))
+    def check(raw):
+        path = next(names)
+        with open(path, "wb") as f:
+            f.write(raw)
+        try:
+            tokens = np.array(open_shard(path))
+        except ValueError as e:  # the one documented error for a file that exists
+            assert path in str(e) and "HINT" in str(e) and "\n" not in str(e)
+            return
+        # accepted: a known (magic, version) whose count matches the bytes that follow the header
+        magic, version, count = struct.unpack("<3i", raw[:12])
+        ref = np.frombuffer(raw[1024:], dtype=np.dtype(prepare.SHARD_FORMATS[magic, version]).newbyteorder("<"))
+        assert len(tokens) == count and np.array_equal(tokens, ref)
+
+    check()
+
+
+def _chaos_shard_bytes(fmt, ids, cut):
+    """A shard of `ids` in format fmt = (magic, version), then cut (< 0) or padded (> 0) by |cut| bytes."""
+    dtype = np.dtype(prepare.SHARD_FORMATS[fmt]).newbyteorder("<")
+    raw = struct.pack("<3i", *fmt, len(ids)) + bytes(1012) + np.asarray(ids, dtype=dtype).tobytes()
+    return raw[:len(raw) + cut] if cut < 0 else raw + bytes(cut)
+
+
+def test_chaos_fuzz_parse_config_parses_or_exits_with_one_sentence():
+    hyp, st, fuzz = _chaos_fuzz()
+    # mostly well-formed --key=value with a real or near-miss key, where values look like numbers;
+    # `breaks` are the characters str.splitlines cuts at, which would break a one-line error
+    breaks = st.text(st.sampled_from("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029ab_-="), max_size=4)
+    key = st.one_of(st.sampled_from([f.name for f in dataclasses.fields(_TokenizerDemoConfig)]),
+                    st.sampled_from(["learning-rate", "max_iter", "", "h"]), st.text(max_size=6), breaks)
+    value = st.one_of(st.text(max_size=12), breaks, st.sampled_from(["true", "Off", "none", "nan", "-inf", "0x10", "1_000"]),
+                      st.from_regex(r"[-+]?[0-9_]{0,4}(\.[0-9]{0,3})?([eE][-+]?[0-9]{1,4})?", fullmatch=True),
+                      st.builds("{}e{}".format, st.integers(-99, 99), st.integers(-999, 999)))
+    option = st.builds(lambda k, eq, v: f"--{k}{eq}{v}", key, st.sampled_from(["=", ""]), value)
+    # and options every field should accept, so that parses are common too
+    good = st.one_of(st.floats().map("--learning_rate={!r}".format), st.integers().map("--max_iters={}".format),
+                     st.sampled_from(["--compile", "--compile=TRUE", "--compile=0", "--limit=None", "--limit=1_0"]),
+                     st.text().map("--name={}".format), st.integers(-10**6, 10**6).map("--limit={}".format),
+                     st.builds("--{}={}e{}".format, st.sampled_from(["max_iters", "limit", "learning_rate"]),
+                               st.integers(-99, 99), st.integers(-999, 999)))  # ints may be written 1e3
+
+    @fuzz
+    @hyp.given(st.lists(st.one_of(good, good, option, st.text(max_size=10)), max_size=4))
+    def check(argv):
+        err, code = io.StringIO(), None
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                cfg = parse_config(_TokenizerDemoConfig, argv)
+            except SystemExit as e:
+                code = e.code
+        if "-h" in argv or "--help" in argv:
+            assert code == 0
+        elif code is None:  # parsed: every field has its declared type
+            assert type(cfg.learning_rate) is float and type(cfg.max_iters) is int and type(cfg.compile) is bool
+            assert type(cfg.name) is str and (cfg.limit is None or type(cfg.limit) is int) and not err.getvalue()
+        else:  # refused: exit code 2 and one line on stderr
+            lines = err.getvalue().splitlines()
+            assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err.getvalue()
+
+    check()
+
+
+def test_clone_mentions_no_folder_outside_it():
+    # STYLE.md rule 16: a fresh clone runs its tests; no tracked file may point at the sibling
+    # folder only this team's machines have. (The needles are split so this file does not match.)
+    needle = re.compile(rb"\.\./" + b"shared|shared/" + rb"data|[\"']shared[\"'],\s*[\"']data[\"']")
+    try:
+        r = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, timeout=30)
+        files = [f for f in r.stdout.decode().split("\0") if f] if r.returncode == 0 else []
+    except (OSError, subprocess.SubprocessError):
+        files = []
+    if not files:  # not a git checkout (a copied tree): walk it, leaving out what .gitignore does
+        skip = {".git", "data", "__pycache__", ".pytest_cache", ".hypothesis", ".benchmarks"}
+        for dirpath, dirnames, filenames in os.walk(ROOT):
+            dirnames[:] = [d for d in dirnames if d not in skip and not d.startswith("out")]
+            files += [os.path.relpath(os.path.join(dirpath, f), ROOT) for f in filenames if not f.endswith(".pyc")]
+    if not files:
+        pytest.skip("neither git ls-files nor a walk of the tree found any file")
+    hits = []
+    for rel in files:
+        with contextlib.suppress(OSError):  # a tracked file deleted in the work tree
+            with open(os.path.join(ROOT, rel), "rb") as f:
+                hits += [f"{rel}:{i}" for i, line in enumerate(f, 1) if needle.search(line)]
+    assert not hits, f"these lines point outside the clone (use the stdlib or a file the test writes): {hits}"
+
+
+# Kill and resume: SIGKILL a training process at random moments, and on purpose in the middle of
+# writing a checkpoint, resume each time, and finish bit-identical to a run never interrupted.
+# CHAOS_KILLS=100 python -m pytest test_all.py -q -k kill  runs the longer variant (default 10).
+
+_CHAOS_ARGS = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_kv_head=2", "--n_embd=32", "--block_size=32",
+               "--batch_size=4", "--max_steps=40", "--warmup_steps=2", "--learning_rate=3e-3", "--eval_interval=4",
+               "--eval_batches=2", "--log_interval=1", "--sample_tokens=0", "--dropout=0.1"]
+
+# Run in a child: train.main(argv), with an optional way to die inside a checkpoint write:
+# "rename" dies after the temporary file is complete but before it is renamed, "half" first cuts
+# the temporary file to half its size (a kill in the middle of torch.save), "best" dies while
+# best.pt is being copied. Each dies at the N-th such write of this process.
+_CHAOS_CHILD = """
+import os, signal, sys
+import train
+mode, nth, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+seen = [0]
+def die(tmp):
+    target = "best.pt.tmp" if mode == "best" else "ckpt.pt.tmp"
+    if mode == "none" or not tmp.endswith(target):
+        return
+    seen[0] += 1
+    if seen[0] < nth:
+        return
+    if mode == "half":
+        os.truncate(tmp, os.path.getsize(tmp) // 2)
+    os.kill(os.getpid(), signal.SIGKILL)
+train.FAULTS["before_rename"] = die
+print("ready", flush=True)
+train.main(argv)
+"""
+
+
+def _chaos_run(args, mode="none", nth=1, kill_after=None):
+    """Start a training child; SIGKILL it `kill_after` seconds after it is ready (None: let it end).
+    Returns its exit code (negative: the signal)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread: the same arithmetic in every child
+    p = subprocess.Popen([sys.executable, "-c", _CHAOS_CHILD, mode, str(nth), *args], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        if kill_after is not None:
+            time.sleep(kill_after)
+            p.kill()
+        out, _ = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    return p.returncode, out
+
+
+def test_chaos_kill_and_resume_ends_bit_identical(_train_data, tmp_path):
+    data_dir, _ = _train_data
+    args = [f"--dataset={data_dir}", *_CHAOS_ARGS]
+    code, out = _chaos_run([*args, f"--out_dir={tmp_path / 'ref'}"])
+    assert code == 0, out[-2000:]
+    run = tmp_path / "run"
+    rng = random.Random(2024)
+    kills, modes, resumed_at = 0, ["time", "rename", "time", "half", "time", "best"], []
+    want = int(os.environ.get("CHAOS_KILLS", "10"))
+    for attempt in range(4 * want + 10):
+        resume = ["--resume"] if (run / "ckpt.pt").exists() else []
+        mode = modes[attempt % len(modes)] if kills < want else "none"
+        if mode == "time":  # a random moment: startup, a step, an evaluation, a save, a log write
+            code, out = _chaos_run([*args, f"--out_dir={run}", *resume], kill_after=rng.uniform(0.0, 1.5))
+        else:
+            code, out = _chaos_run([*args, f"--out_dir={run}", *resume], mode=mode, nth=rng.randint(1, 3))
+        if code == 0:
+            if kills >= want:
+                break
+            shutil.rmtree(run)  # it finished before the kill came: start the whole run again
+            continue
+        assert code == -signal.SIGKILL, out[-2000:]
+        kills += 1
+        if (run / "ckpt.pt").exists():
+            resumed_at.append(torch.load(run / "ckpt.pt", weights_only=True)["step"])
+        for pt in run.glob("*.pt"):  # after every kill, every checkpoint on disk loads, safely
+            ck = torch.load(pt, map_location="cpu", weights_only=True)
+            assert ck["step"] % 4 == 0 or ck["step"] == 40, pt
+    assert kills >= want and len(set(resumed_at)) >= 3, resumed_at  # resumed from several places
+    ref, got = (torch.load(d / "ckpt.pt", weights_only=True) for d in (tmp_path / "ref", run))
+    assert got["step"] == ref["step"] == 40
+    assert all(torch.equal(ref["model"][k], got["model"][k]) for k in ref["model"])
+    best_ref, best_got = (torch.load(d / "best.pt", weights_only=True) for d in (tmp_path / "ref", run))
+    assert best_got["step"] == best_ref["step"]
+    assert all(torch.equal(best_ref["model"][k], best_got["model"][k]) for k in best_ref["model"])
+    curve = lambda d: [(r["step"], r["loss"], r["norm"], r["lr"]) for r in map(json.loads, open(d / "log.jsonl"))
+                       if "loss" in r]
+    assert curve(run) == curve(tmp_path / "ref")  # the log lost no row and repeated none
 
 
 # -----------------------------------------------------------------------------
 # Bad input, every stage: one table of cases, each one clear sentence
+#
+# STYLE.md rule 10 as one table. Each row is one way a user's input can be wrong, run through
+# the script's real command line. The run must print ONE line on stderr holding the row's
+# stable message part (and the offending file's path, where there is one), exit with the row's
+# code, print no traceback, and, when it stops, leave its folder byte for byte as it was (no
+# *.tmp*, no half-written output). Code 0 marks a run that can go on: it warns in one line.
+# README.md's "Troubleshooting" table repeats every row's message; test_bad_input_troubleshooting_table
+# checks it against what these runs printed, so the README cannot drift.
+#
+# Every case runs in its own copy of _bad_base: a good dataset (data/), a checkpoint trained one
+# step on it (out/) and a good eval file (mc.jsonl); its build(root) breaks one thing. A command
+# starting with "python" runs as a real process (the exit code and stderr a user sees);
+# otherwise SCRIPT.main(argv) runs in this process, which saves a 2-second torch import.
+
+import contextlib
+import re
+import traceback
+
+_BAD_PREPARE = ["prepare.py", "--out_dir={root}/prepared", "--vocab_size=300"]
+_BAD_TOKENIZER = ["python", "tokenizer.py", "train", "--vocab_size=300", "--out={root}/prepared/t.bpe"]
+_BAD_TRAIN = ["train.py", "--dataset={root}/data", "--data_dir={root}/prepared", "--out_dir={root}/out",
+              "--device=cpu", "--n_layer=2", "--n_head=2", "--n_kv_head=2", "--n_embd=32", "--block_size=32",
+              "--dropout=0", "--batch_size=4", "--max_steps=1", "--eval_batches=1", "--sample_tokens=0"]
+_BAD_SAMPLE = ["sample.py", "--out_dir={root}/out", "--device=cpu", "--max_new_tokens=4", "--temperature=0"]
+_BAD_BPB = ["bench.py", "--eval=bpb", "--ckpt={root}/out/ckpt.pt", "--data={root}/data", "--device=cpu"]
+_BAD_MC = ["bench.py", "--eval=mc", "--ckpt={root}/out/ckpt.pt", "--data={root}/mc.jsonl", "--device=cpu"]
+_BAD_MC_ITEM = json.dumps({"ctx": "def add(a, b):", "endings": [" return a + b", " retrun"], "label": 0}) + "\n"
+
+
+def _bad_write(rel, data):
+    """Write data (bytes, or str as UTF-8) to root/rel."""
+    def build(root):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+    return build
+
+
+def _bad_cut(rel, n):
+    """Drop the last n bytes of root/rel: a copy or download that stopped early."""
+    def build(root):
+        data = (root / rel).read_bytes()
+        (root / rel).write_bytes(data[:-n])
+    return build
+
+
+def _bad_int32(rel, index, value):
+    """Overwrite int32 number `index` of a shard's header (0: magic, 1: version = dtype, 2: count)."""
+    def build(root):
+        data = bytearray((root / rel).read_bytes())
+        data[4 * index:4 * index + 4] = struct.pack("<i", value)
+        (root / rel).write_bytes(bytes(data))
+    return build
+
+
+def _bad_replace(rel, old, new):
+    """Edit one spot of a text file, as a person with an editor would."""
+    def build(root):
+        text = (root / rel).read_text(encoding="utf-8")
+        assert text.count(old) == 1, f"{rel} has {text.count(old)} copies of {old!r}"
+        (root / rel).write_text(text.replace(old, new), encoding="utf-8")
+    return build
+
+
+def _bad_meta(edit):
+    """edit(meta) on data/meta.json, then write it back."""
+    def build(root):
+        meta = json.loads((root / "data" / "meta.json").read_text())
+        edit(meta)
+        (root / "data" / "meta.json").write_text(json.dumps(meta))
+    return build
+
+
+def _bad_other_tokenizer(rel, vocab_size, meta=False):
+    """Put another BPE (trained on other stdlib text) at root/rel; with meta, data/meta.json
+    vouches for it (vocab_size, sha256), as if prepare.py had written it."""
+    def build(root):
+        Tokenizer.train(_stdlib_text(80_000)[50_000:], vocab_size).save(str(root / rel))
+        if meta:
+            sha = hashlib.sha256((root / rel).read_bytes()).hexdigest()
+            _bad_meta(lambda m: m.update(vocab_size=vocab_size, tokenizer_sha256=sha))(root)
+    return build
+
+
+def _bad_shard_ids(token_id):
+    """Rewrite data/train_000.bin, same length, every id = token_id: a shard of another tokenizer."""
+    def build(root):
+        n = len(open_shard(str(root / "data" / "train_000.bin")))
+        write_shard(str(root / "data" / "train_000.bin"), np.full(n, token_id, dtype=np.uint16))
+    return build
+
+
+def _bad_ckpt(edit):
+    """edit(checkpoint dict) on out/ckpt.pt; best.pt is removed, so ckpt.pt is the one sample.py loads."""
+    def build(root):
+        ck = torch.load(root / "out" / "ckpt.pt", map_location="cpu", weights_only=True)
+        edit(ck)
+        torch.save(ck, root / "out" / "ckpt.pt")
+        (root / "out" / "best.pt").unlink()
+    return build
+
+
+def _bad_ckpt_config(**changes):
+    """out/ckpt.pt whose model_config no longer matches its weights."""
+    return _bad_ckpt(lambda ck: ck["model_config"].update(changes))
+
+
+def _bad_all(*builds):
+    def build(root):
+        for b in builds:
+            b(root)
+    return build
+
+
+_BAD_LATIN1 = ("# caf\u00e9, cr\u00e8me br\u00fbl\u00e9e, na\u00efve\n" * 40).encode("latin-1")
+_BAD_JSONL = "".join(json.dumps({"text": _stdlib_text(30_000)[i:i + 1000]}) + "\n" for i in range(0, 30_000, 1000))
+
+# (case, stage, build(root) or None, command, exit code, stable message part(s), offending file under root)
+_BAD_CASES = [
+    # corpora: prepare.py and tokenizer.py train
+    ("empty corpus file", "corpus", _bad_write("corpus.txt", b""),
+     [*_BAD_PREPARE, "--dataset={root}/corpus.txt"], 1, "the input is empty", "corpus.txt"),
+    ("binary corpus file", "corpus", _bad_write("corpus.txt", bytes(range(256)) * 64),
+     ["python", *_BAD_PREPARE, "--dataset={root}/corpus.txt"], 1, "binary or not UTF-8 text", "corpus.txt"),
+    ("UTF-16 corpus file", "corpus", _bad_write("corpus.txt", _stdlib_text(20_000).encode("utf-16")),
+     [*_BAD_PREPARE, "--dataset={root}/corpus.txt"], 1, "binary or not UTF-8 text", "corpus.txt"),
+    ("latin-1 corpus file", "corpus", _bad_write("corpus.txt", _stdlib_text(20_000).encode() + _BAD_LATIN1),
+     [*_BAD_PREPARE, "--dataset={root}/corpus.txt"], 0, "are not valid UTF-8", "corpus.txt"),
+    ("empty corpus file given to train.py", "corpus", _bad_write("corpus.txt", b""),
+     [*_BAD_TRAIN, "--dataset={root}/corpus.txt"], 1, "the input is empty", "corpus.txt"),
+    ("empty corpus file (tokenizer.py)", "corpus", _bad_write("corpus.txt", b""),
+     [*_BAD_TOKENIZER, "--input={root}/corpus.txt"], 1, "no text to train on in", "corpus.txt"),
+    ("binary corpus file (tokenizer.py)", "corpus", _bad_write("corpus.txt", b"\x00\x01" * 5000),
+     [*_BAD_TOKENIZER, "--input={root}/corpus.txt"], 1, "no text to train on in", "corpus.txt"),
+    ("latin-1 corpus file (tokenizer.py)", "corpus", _bad_write("corpus.txt", _BAD_LATIN1),
+     [*_BAD_TOKENIZER, "--input={root}/corpus.txt"], 0, "are not valid UTF-8", "corpus.txt"),
+    # shards: prepare.open_shard, as train.py calls it
+    ("truncated shard", "shards", _bad_cut("data/train_000.bin", 3),
+     ["python", *_BAD_TRAIN], 1, "but its header promises", "data/train_000.bin"),
+    ("shard with a wrong magic number", "shards", _bad_int32("data/train_000.bin", 0, 1234),
+     _BAD_TRAIN, 1, "this is not an llm.c token shard", "data/train_000.bin"),
+    ("shard whose header says uint32 over uint16 tokens", "shards", _bad_int32("data/val_000.bin", 1, 2),
+     _BAD_TRAIN, 1, "but its header promises", "data/val_000.bin"),
+    ("shard of an unknown version", "shards", _bad_int32("data/val_000.bin", 1, 7),
+     _BAD_TRAIN, 1, "expected 1 (uint16) or 2 (uint32)", "data/val_000.bin"),
+    # meta.json: train.py's load_meta, bench.py, prepare.py's output folder
+    ("missing meta.json", "meta.json", lambda root: (root / "data" / "meta.json").unlink(),
+     _BAD_TRAIN, 1, "meta.json does not exist", "data/meta.json"),
+    ("missing meta.json (bench.py)", "meta.json", lambda root: (root / "data" / "meta.json").unlink(),
+     _BAD_BPB, 1, "meta.json does not exist", "data/meta.json"),
+    ("meta.json that is not JSON", "meta.json", _bad_write("data/meta.json", '{"dataset": "tiny", "splits": '),
+     _BAD_TRAIN, 1, "is not a valid prepare.py meta.json", "data/meta.json"),
+    ("meta.json without vocab_size", "meta.json", _bad_meta(lambda m: m.pop("vocab_size")),
+     _BAD_TRAIN, 1, "is not a valid prepare.py meta.json", "data/meta.json"),
+    ("meta.json naming a missing shard", "meta.json",
+     _bad_meta(lambda m: m["splits"]["train"].update(shards=["train_001.bin"])),
+     _BAD_TRAIN, 1, "does not exist; HINT: run prepare.py", "data/train_001.bin"),
+    ("prepare.py output folder holding another dataset", "meta.json",
+     _bad_all(lambda root: shutil.copytree(root / "data", root / "prepared" / "corpus"),
+              _bad_write("corpus.txt", _stdlib_text(20_000))),
+     [*_BAD_PREPARE, "--dataset={root}/corpus.txt"], 1, "pass --name=OTHER to keep both or --force to replace it",
+     "prepared/corpus"),
+    # tokenizer files: Tokenizer.load, as train.py, sample.py, bench.py and tokenizer.py call it
+    ("tokenizer.bpe changed after prepare.py", "tokenizer", _bad_other_tokenizer("data/tokenizer.bpe", 300),
+     _BAD_TRAIN, 1, "is not the tokenizer that produced", "data/tokenizer.bpe"),
+    ("truncated tokenizer.bpe", "tokenizer", _bad_cut("out/tokenizer.bpe", 500),
+     ["python", "tokenizer.py", "encode", "--tokenizer={root}/out/tokenizer.bpe", "hello"], 1,
+     "is a damaged tokenizer file", "out/tokenizer.bpe"),
+    ("tokenizer.bpe with an edited rank line", "tokenizer",  # byte 7's line now spells b"\x07\x07\x07"
+     _bad_replace("out/tokenizer.bpe", "\nBw== 7\n", "\nBwcH 7\n"),
+     ["python", "tokenizer.py", "encode", "--tokenizer={root}/out/tokenizer.bpe", "hello"], 1,
+     "is a damaged tokenizer file", "out/tokenizer.bpe"),
+    ("binary tokenizer.bpe", "tokenizer",
+     _bad_all(_bad_write("out/tokenizer.bpe", b"\xff\xfe\x00junk"), _bad_write("corpus.txt", _stdlib_text(20_000))),
+     [*_BAD_PREPARE, "--dataset={root}/corpus.txt", "--tokenizer={root}/out/tokenizer.bpe"], 1,
+     "is not a tokenizer file", "out/tokenizer.bpe"),
+    ("damaged tokenizer.bpe next to a checkpoint", "tokenizer", _bad_cut("out/tokenizer.bpe", 500),
+     _BAD_SAMPLE, 1, "its sha256 differs from the one the checkpoint records", "out/tokenizer.bpe"),
+    # vocabularies that disagree: data, tokenizer, checkpoint
+    ("meta.json vocab_size edited", "vocabulary", _bad_meta(lambda m: m.update(vocab_size=999)),
+     _BAD_TRAIN, 1, "meta.json says", "data/meta.json"),
+    ("shard ids outside the tokenizer's vocabulary", "vocabulary", _bad_shard_ids(305),
+     _BAD_TRAIN, 1, "but the tokenizer has only", "data/train_000.bin"),
+    ("resume with another tokenizer", "vocabulary", _bad_other_tokenizer("data/tokenizer.bpe", 310, meta=True),
+     [*_BAD_TRAIN, "--resume"], 1, "was trained with another tokenizer than", "out/ckpt.pt"),
+    ("sample.py with another run's tokenizer", "vocabulary", _bad_other_tokenizer("out/tokenizer.bpe", 280),
+     _BAD_SAMPLE, 1, "its sha256 differs from the one the checkpoint records", "out/tokenizer.bpe"),
+    ("older checkpoint (no tokenizer sha256) with another run's tokenizer", "vocabulary",
+     _bad_all(_bad_ckpt(lambda ck: ck.pop("tokenizer_sha256")), _bad_other_tokenizer("out/tokenizer.bpe", 280)),
+     _BAD_SAMPLE, 1, "copy the tokenizer.bpe of its training run", "out/tokenizer.bpe"),
+    ("bench.py on data of another tokenizer", "vocabulary", _bad_other_tokenizer("data/tokenizer.bpe", 300, meta=True),
+     _BAD_BPB, 1, "was tokenized with a different tokenizer than", "data"),
+    # configuration: tokenizer.parse_config behind every script's command line
+    ("misspelled option", "config", None, ["python", "prepare.py", "--vocab_sise=300"], 2, "unknown option", None),
+    ("misspelled option (bench.py)", "config", None, ["bench.py", "--eval=bpb", "--ckt=x"], 2, "unknown option", None),
+    ("integer option given a word", "config", None, [*_BAD_TRAIN, "--max_steps=ten"], 2,
+     "must be an integer, not", None),
+    ("integer option given a word (tokenizer.py)", "config", None, [*_BAD_TOKENIZER, "--vocab_size=big"], 2,
+     "must be an integer, not", None),
+    ("boolean option given a word", "config", None, [*_BAD_SAMPLE, "--stream=maybe"], 2, "is a boolean: use", None),
+    ("option value not among the choices", "config", None, [*_BAD_TRAIN, "--optimizer=sgd"], 1, "is not one of", None),
+    # checkpoints of another model shape
+    ("resume with another model shape", "checkpoint", None, [*_BAD_TRAIN, "--resume", "--n_layer=3"], 1,
+     "pass the same model options to resume", "out/ckpt.pt"),
+    ("checkpoint whose weights do not fit its config", "checkpoint", _bad_ckpt_config(n_embd=48),
+     _BAD_SAMPLE, 1, ("is not a loadable train.py checkpoint", "size mismatch for"), "out/ckpt.pt"),
+    ("checkpoint whose weights do not fit its config (bench.py)", "checkpoint", _bad_ckpt_config(n_layer=3),
+     _BAD_MC, 1, ("is not a loadable train.py checkpoint", "Missing key(s)"), "out/ckpt.pt"),
+    ("truncated checkpoint", "checkpoint", _bad_cut("out/best.pt", 1000),
+     ["python", *_BAD_SAMPLE], 1, "is not a loadable train.py checkpoint", "out/best.pt"),
+    # JSONL: prepare.py corpora and bench.py's eval files
+    ("JSONL corpus without a usable line", "JSONL",
+     _bad_write("docs.jsonl", '{"content": "no text field"}\nnot json\n'),
+     [*_BAD_PREPARE, "--dataset={root}/docs.jsonl"], 1,
+     'every .jsonl line must be a JSON object with a string "text" field', "docs.jsonl"),
+    ("JSONL corpus with some bad lines", "JSONL", _bad_write("docs.jsonl", _BAD_JSONL + "not json\n" + '{"text": 7}\n'),
+     [*_BAD_PREPARE, "--dataset={root}/docs.jsonl"], 0, "that are not a JSON object", "docs.jsonl"),
+    ("eval JSONL line that is not JSON", "JSONL", _bad_write("mc.jsonl", _BAD_MC_ITEM + "{not json\n"),
+     ["python", *_BAD_MC], 1, "is not a multiple-choice item", "mc.jsonl"),
+    ("eval JSONL label out of range", "JSONL", _bad_write("mc.jsonl", _BAD_MC_ITEM.replace('"label": 0', '"label": 5')),
+     _BAD_MC, 1, "and a label between 0 and", "mc.jsonl"),
+    ("eval JSONL line that is not UTF-8", "JSONL", _bad_write("mc.jsonl", _BAD_MC_ITEM.encode() + b'{"ctx": "\xff"}\n'),
+     _BAD_MC, 1, "save the file as UTF-8", "mc.jsonl"),
+    # prompts
+    ("prompt longer than the context", "prompt", None, [*_BAD_SAMPLE, "--prompt=" + "word " * 200], 0,
+     "that fit; dropped the oldest", None),
+    ("prompt file that is not UTF-8", "prompt", _bad_write("prompt.txt", "caf\u00e9".encode("latin-1")),
+     [*_BAD_SAMPLE, "--prompt=FILE:{root}/prompt.txt"], 1, "is not UTF-8 text; re-encode it", "prompt.txt"),
+]
+
+_BAD_SCRIPTS = {"prepare.py": prepare.main, "train.py": train.main, "sample.py": sample.main, "bench.py": bench.main}
+_BAD_SEEN = {}  # case name -> (root, exit code, stderr, files before, files after): each case runs once
+
+
+@pytest.fixture(scope="module")
+def _bad_base(_train_data, tmp_path_factory):
+    """The good inputs every case starts from: data/ (_train_data), out/ (one train.py step on it), mc.jsonl."""
+    base = tmp_path_factory.mktemp("bad_base")
+    shutil.copytree(_train_data[0], base / "data")
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.train(_train_cfg(str(base / "data"), base / "out", max_steps=1, eval_interval=1, eval_batches=1))
+    (base / "mc.jsonl").write_text(_BAD_MC_ITEM * 2)
+    return base
+
+
+def _bad_files(root) -> dict:
+    """{relative path: sha256} of every file under root."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _bad_run(case, base, tmp_root):
+    """Run one case (once per session) -> (root, exit code, stderr, files before, files after)."""
+    name, _, build, argv, _, _, _ = case
+    if name not in _BAD_SEEN:
+        root = tmp_root / re.sub(r"\W+", "_", name)
+        shutil.copytree(base, root)
+        if build:
+            build(root)
+        argv = [a.replace("{root}", str(root)) for a in argv]
+        before = _bad_files(root)
+        if argv[0] == "python":  # the real command line
+            r = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=120)
+            code, err = r.returncode, r.stderr
+        else:  # SCRIPT.main(argv) here; an escaping exception is printed as Python would print it
+            out, err_io, code = io.StringIO(), io.StringIO(), 0
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err_io):
+                try:
+                    _BAD_SCRIPTS[argv[0]](argv[1:])
+                except SystemExit as e:
+                    code = e.code
+                except Exception:
+                    traceback.print_exc()
+                    code = 1
+            err = err_io.getvalue()
+        _BAD_SEEN[name] = (root, code, err, before, _bad_files(root))
+    return _BAD_SEEN[name]
+
+
+@pytest.fixture(scope="module")
+def _bad_tmp(tmp_path_factory):
+    return tmp_path_factory.mktemp("bad_cases")
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=re.sub(r"\W+", "-", c[0]).strip("-")) for c in _BAD_CASES])
+def test_bad_input_table(case, _bad_base, _bad_tmp):
+    name, _, _, argv, code, message, file = case
+    root, got, err, before, after = _bad_run(case, _bad_base, _bad_tmp)
+    parts = (message,) if isinstance(message, str) else message
+    assert "Traceback" not in err, err
+    assert got == code, f"exit code {got}, expected {code}; stderr:\n{err}"
+    lines = [line for line in err.splitlines() if parts[0] in line]
+    assert len(lines) == 1, f"expected one line with {parts[0]!r} on stderr:\n{err}"
+    line = lines[0]
+    assert re.match(r"(\w+\.py: )?(error|warning): ", line), line
+    assert all(p in line for p in parts), line
+    if file:
+        assert os.path.join(str(root), file) in line, f"{line!r} does not name {file}"
+    assert not [p for p in after if ".tmp" in p], after
+    if code:
+        assert err.strip().splitlines()[-1] == line  # the last word, after any progress lines
+        assert after == before  # stopped: nothing written, nothing changed, nothing left half-written
+
+
+def test_bad_input_troubleshooting_table(_bad_base, _bad_tmp):
+    # README.md "## Troubleshooting": one row per case, its message column exactly the case's stable part
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    section = readme.split("\n## Troubleshooting\n", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
+        if len(cells) == 4 and not set(cells[0]) <= set("-: ") and cells[0] != "case":
+            rows[cells[0]] = cells
+    assert sorted(rows) == sorted(c[0] for c in _BAD_CASES), "README's troubleshooting rows and the test table differ"
+    for case in _BAD_CASES:
+        name, _, _, argv, _, message, _ = case
+        first = message if isinstance(message, str) else message[0]
+        _, script, shown, fix = rows[name]
+        assert script == f"`{argv[1] if argv[0] == 'python' else argv[0]}`", (name, script)
+        assert shown == f"`{first}`", (name, shown)
+        assert fix, name
+        err = _bad_run(case, _bad_base, _bad_tmp)[2]
+        assert first in err, f"{name}: README quotes a message the run did not print"

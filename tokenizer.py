@@ -422,7 +422,8 @@ class Tokenizer:
             raise FileNotFoundError(f"tokenizer file {path} does not exist: train one with "
                                     "`python tokenizer.py train` or run prepare.py") from None
         except UnicodeDecodeError:
-            raise ValueError(f"{path} is not a tokenizer file (it is not UTF-8 text)") from None
+            raise ValueError(f"{path} is not a tokenizer file (it is not UTF-8 text); copy back the original, or "
+                             "re-create it with `python tokenizer.py train` or prepare.py --force") from None
         if lines[0] != FILE_HEADER:
             raise ValueError(f"{path} is not a tokenizer.py file (its first line is {lines[0][:40]!r}, expected "
                              f"{FILE_HEADER!r}); a tiktoken rank file loads with Tokenizer.from_ranks_file")
@@ -438,10 +439,11 @@ class Tokenizer:
             n = int(lines[i].split()[1])
             ranks = _parse_rank_lines(lines[i + 1:])
             assert len(ranks) == n, f"header promises {n} ranks, file has {len(ranks)}"
+            tok = cls(ranks, pattern, specials)  # subtle: inside the try, so an edited rank or regex names the file too
         except (AssertionError, ValueError, IndexError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path} is a damaged tokenizer file ({e or 'unexpected line'}); re-create it with "
-                             "`python tokenizer.py train` or prepare.py --force") from None
-        return cls(ranks, pattern, specials)
+            raise ValueError(f"{path} is a damaged tokenizer file ({e or 'unexpected line'}); copy back the original, "
+                             "or re-create it with `python tokenizer.py train` or prepare.py --force") from None
+        return tok
 
     @classmethod
     def from_ranks_file(cls, path: str, pattern: str = "gpt2", special_tokens: dict | None = None) -> "Tokenizer":
@@ -572,7 +574,7 @@ def _convert(name: str, kind, text):
             return int(value)
         if kind is float:
             return float(text)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: --max_iters=1e400 is float inf, int() of which fails
         raise ValueError(f"--{name} must be {'an integer' if kind is int else 'a number'}, not {text!r}") from None
     return text
 
@@ -609,7 +611,9 @@ def parse_config(cls, argv: list | None = None):
             if key not in fields:
                 close = difflib.get_close_matches(key, fields, n=1)
                 hint = f"; did you mean --{close[0]}?" if close else "; see -h for the list"
-                raise ValueError(f"unknown option --{key}{hint}")
+                # subtle: repr a key holding a newline (or \x85, \u2028...), or the one-line error splits
+                shown = f"--{key}" if key.isprintable() else repr(f"--{key}")
+                raise ValueError(f"unknown option {shown}{hint}")
             values[key] = _convert(key, hints[key], text if eq else None)
         return cls(**values)
     except (ValueError, TypeError) as e:
@@ -713,9 +717,14 @@ def main(argv: list) -> None:
             raise ValueError("train needs --input=FILE_OR_DIR")
         stats = {"files": 0, "binary_skipped": 0, "invalid_utf8_files": 0}
         texts = list(read_texts(args.input, stats))
-        if not texts:
-            raise ValueError(f"no readable text under {args.input} ({stats['binary_skipped']} binary files skipped)")
+        if not any(t.strip() for t in texts):
+            raise ValueError(f"no text to train on in {args.input} ({stats['files']} empty files, {stats['binary_skipped']} "
+                             f"binary skipped); give it UTF-8 text (UTF-16 reads as binary: iconv -f UTF-16 -t UTF-8)")
+        if stats["invalid_utf8_files"]:
+            print(f"warning: {stats['invalid_utf8_files']} files in {args.input} are not valid UTF-8; their bad bytes "
+                  f"became U+FFFD (re-encode them, e.g. iconv -f latin1 -t UTF-8, if that is wrong)", file=sys.stderr)
         t0 = time.time()
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)  # before minutes of training, not after
         tok = Tokenizer.train(texts, args.vocab_size, args.pattern, verbose=True)
         tok.save(args.out)
         print(f"read {stats['files']} files ({stats['binary_skipped']} binary skipped, "

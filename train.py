@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import pickle  # only for its exception type: nothing here unpickles
 import random
 import shutil
 import signal
@@ -217,7 +218,7 @@ def load_meta(data_dir: str) -> dict:
     try:
         with open(path) as f:
             meta = json.load(f)
-        meta["splits"]["train"]["shards"], meta["splits"]["val"]["shards"]
+        meta["vocab_size"], meta["splits"]["train"]["shards"], meta["splits"]["val"]["shards"]
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a valid prepare.py meta.json ({e!r}); re-run prepare.py with --force") from None
     return meta
@@ -230,12 +231,20 @@ class TokenWindows:
     resuming needs only the counter, and splitting a step's rows into micro-batches, processes
     or a halved micro-batch after an OOM always yields the same global batch."""
 
-    def __init__(self, data_dir: str, meta: dict, split: str, block_size: int, seed: int):
+    def __init__(self, data_dir: str, meta: dict, split: str, block_size: int, seed: int, vocab_size: int = 0):
         self.T, self.seed = block_size, seed
         files = meta["splits"][split]["shards"]
         if not files:
             raise ValueError(f"{data_dir}/meta.json lists no {split} shards; re-run prepare.py with --force")
         self.shards = [open_shard(os.path.join(data_dir, f)) for f in files]
+        # a shard of another tokenizer: ids past the vocabulary train on rows that mean nothing (or
+        # crash the embedding); its first million tokens tell, for ~2 MB of reading per shard
+        for f, s in zip(files, self.shards):
+            top = int(s[:1_000_000].max()) if len(s) else 0
+            if vocab_size and top >= vocab_size:
+                raise ValueError(f"shard {os.path.join(data_dir, f)} holds token id {top}, but the tokenizer has "
+                                 f"only {vocab_size} ids; HINT: it was made with another tokenizer, rerun "
+                                 f"prepare.py with --force.")
         # a window starting at p reads tokens p .. p+T, so a shard of n tokens has n-T starts
         self.starts = np.array([max(0, len(s) - block_size) for s in self.shards], dtype=np.int64)
         self.chunks = np.array([max(0, (len(s) - 1) // block_size) for s in self.shards], dtype=np.int64)
@@ -439,8 +448,12 @@ def lr_factor(step: int, cfg: TrainConfig, time_frac: float = 0.0) -> float:
 # One optimizer step's gradients, with the out-of-memory fallback
 
 
+# torch.OutOfMemoryError is torch >= 2.5; before it the same class lived at torch.cuda.OutOfMemoryError
+OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
 def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+    return isinstance(e, OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
 
 
 def accumulate_gradients(model, batch_fn, micro_bs: int, accum: int, ctx, scaler=None, nan: bool = False) -> torch.Tensor:
@@ -457,7 +470,7 @@ def accumulate_gradients(model, batch_fn, micro_bs: int, accum: int, ctx, scaler
                 logits, loss = model(x, y)
             if FAULTS["oom"] > 0:  # after the forward, as a real OOM: this frame holds the activations
                 FAULTS["oom"] -= 1
-                raise torch.OutOfMemoryError("CUDA out of memory (injected by a test)")
+                raise OutOfMemoryError("CUDA out of memory (injected by a test)")
             del logits  # the graph keeps what backward needs; the (B, T, V) logits need not wait for it
             if nan:
                 loss = loss * float("nan")
@@ -614,8 +627,11 @@ def load_checkpoint(path: str, device="cpu") -> tuple[GPT, dict]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         model = GPT(GPTConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
-    except Exception as e:  # a truncated file, a foreign pickle, or keys of another model shape
-        raise ValueError(f"{path} is not a loadable train.py checkpoint ({str(e).splitlines()[0][:200]}); "
+    except pickle.UnpicklingError:  # weights_only refused a class or a function: never run it
+        raise ValueError(f"{path} holds Python objects besides tensors and plain values; loading them could run "
+                         f"arbitrary code, so it is refused; retrain or pick another file") from None
+    except Exception as e:  # a truncated file, or keys of another model shape
+        raise ValueError(f"{path} is not a loadable train.py checkpoint ({' '.join(str(e).split())[:300]}); "
                          f"retrain or pick another file") from None
     return model.to(device).eval(), ckpt
 
@@ -715,6 +731,8 @@ def find_dataset(cfg: TrainConfig, is_master: bool) -> str:
     """The dataset directory; runs prepare.py's pipeline in-process when a named dataset is missing."""
     if os.path.isfile(os.path.join(cfg.dataset, "meta.json")):
         return cfg.dataset
+    if os.path.isdir(cfg.dataset) and any(n.endswith(".bin") for n in os.listdir(cfg.dataset)):
+        return cfg.dataset  # a prepared folder that lost its meta.json: load_meta says so
     path = os.path.join(cfg.data_dir, cfg.dataset)
     if not os.path.isfile(os.path.join(path, "meta.json")):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -758,8 +776,8 @@ def train(cfg: TrainConfig) -> dict:
 
     # ---- model (seeded so every process starts from the same weights)
     mcfg = resolve_model_config(cfg, tok.n_vocab)
-    train_data = TokenWindows(data_dir, meta, "train", mcfg.block_size, cfg.seed)
-    val_data = TokenWindows(data_dir, meta, "val", mcfg.block_size, cfg.seed)
+    train_data = TokenWindows(data_dir, meta, "train", mcfg.block_size, cfg.seed, tok.n_vocab)
+    val_data = TokenWindows(data_dir, meta, "val", mcfg.block_size, cfg.seed, tok.n_vocab)
     val_windows = val_data.fixed_windows(cfg.eval_batches * cfg.batch_size)
     torch.manual_seed(cfg.seed)
     raw = GPT(mcfg).to(device)
@@ -949,8 +967,9 @@ def train(cfg: TrainConfig) -> dict:
                 accum, micro_bs = accum * micro_bs // smaller, smaller
                 log(f"out of memory at step {step}: micro-batch now {micro_bs} rows x {accum} accumulation "
                     f"(global batch unchanged)")
-            if world > 1:
-                dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+            if world > 1:  # SUM then divide: gloo has ReduceOp.AVG only from torch 2.8
+                dist.all_reduce(loss, op=dist.ReduceOp.SUM)
+                loss /= world
             if scaler is not None:
                 for opt in optimizers:
                     scaler.unscale_(opt)
