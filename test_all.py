@@ -2786,6 +2786,7 @@ def test_chaos_malicious_payload_is_live(tmp_path, layout):
     # the reference for the tests below: an unsafe load of the same file does create the marker
     marker = tmp_path / "pwned"
     _chaos_evil_file(tmp_path / "evil.pt", marker, layout)
+    # subtle: the project's one unsafe load, of a file this test has just written itself
     with contextlib.suppress(Exception):  # the legacy layout then fails on its missing magic number
         torch.load(tmp_path / "evil.pt", weights_only=False)
     assert marker.exists()

@@ -718,7 +718,7 @@ def main(argv: list) -> None:
         stats = {"files": 0, "binary_skipped": 0, "invalid_utf8_files": 0}
         texts = list(read_texts(args.input, stats))
         if not any(t.strip() for t in texts):
-            raise ValueError(f"no text to train on in {args.input} ({stats['files']} empty files, {stats['binary_skipped']} "
+            raise ValueError(f"no text to train on in {args.input} ({stats['files']} files read, {stats['binary_skipped']} "
                              f"binary skipped); give it UTF-8 text (UTF-16 reads as binary: iconv -f UTF-16 -t UTF-8)")
         if stats["invalid_utf8_files"]:
             print(f"warning: {stats['invalid_utf8_files']} files in {args.input} are not valid UTF-8; their bad bytes "
