@@ -35,8 +35,10 @@ pattern and the .tiktoken rank-file format), minbpe (the idea of a readable BPE 
 """
 
 import base64
+import contextlib
 import dataclasses
 import difflib
+import hashlib
 import heapq
 import inspect
 import itertools
@@ -407,10 +409,12 @@ class Tokenizer:
         lines += [f"special {json.dumps(s)} {i}" for s, i in sorted(self.special_tokens.items(), key=lambda kv: kv[1])]
         lines.append(f"ranks {len(self.ranks)}")
         lines += [f"{base64.b64encode(b).decode('ascii')} {i}" for b, i in sorted(self.ranks.items(), key=lambda kv: kv[1])]
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write("\n".join(lines) + "\n")
-        os.replace(tmp, path)  # never leave a half-written tokenizer under the real name
+
+        def write(tmp):
+            with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+                f.write("\n".join(lines) + "\n")
+
+        atomic_write(path, write)  # never a half-written tokenizer under the real name
 
     @classmethod
     def load(cls, path: str) -> "Tokenizer":
@@ -493,6 +497,58 @@ def _parse_rank_lines(lines: list) -> dict:
         token, rank = line.split()
         ranks[base64.b64decode(token, validate=True)] = int(rank)
     return ranks
+
+
+# -----------------------------------------------------------------------------
+# Files: the project's one atomic write and one sha256 (every later stage imports these two)
+
+
+def atomic_write(path: str, write) -> None:
+    """Call write(tmp) to fill a temporary file beside `path`, then make it `path` all at once.
+
+    The data is fsynced before the rename and the directory after it: a crash, a kill or a
+    power loss leaves either the old file or the new one, never half of one (without the fsyncs
+    a rename survives a killed process but not a power cut: the kernel may write the new name
+    before the data it points to). On any error the temporary file is removed and the error
+    re-raised, the old file untouched. Example (write() must close its file before returning):
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.write("hello")
+        atomic_write("notes.txt", write)
+    """
+    tmp = path + ".tmp"  # one scheme everywhere, so a fresh run knows what a crash left behind
+    try:
+        write(tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    _fsync(os.path.dirname(os.path.abspath(path)))
+
+
+def _fsync(path: str) -> None:
+    """Flush a file's data, or a directory's list of names, from the OS cache to the disk."""
+    if os.path.isdir(path):
+        if not hasattr(os, "O_DIRECTORY"):  # Windows cannot open a directory; NTFS orders this itself
+            return
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    else:
+        fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path: str) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MB pieces (a checkpoint can be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # -----------------------------------------------------------------------------
