@@ -2,11 +2,12 @@
 Pretraining: the loop that turns prepared token shards into a GPT checkpoint.
 
 Run it:
-    python train.py                                   # prepares data/pystdlib if missing, then trains into out/
+    python train.py                                   # prepare data/pystdlib if missing, train
     python train.py --max_steps=50 --eval_interval=25 # a quick CPU smoke run
-    python prepare.py --dataset=shakespeare && python train.py --dataset=shakespeare --max_minutes=1.2
+    python prepare.py --dataset=shakespeare           # then, on Tiny Shakespeare, 70 s:
+    python train.py --dataset=shakespeare --max_minutes=1.2
     python train.py --preset=gpt2 --batch_size=16     # a model.py preset (GPU-sized; slow on a CPU)
-    python train.py --resume                          # continue out/ckpt.pt exactly where it stopped
+    python train.py --resume                          # continue out/ckpt.pt where it stopped
     torchrun --standalone --nproc_per_node=8 train.py # DDP: NCCL on GPUs, gloo on CPUs
     python train.py -h                                # every option with its meaning
 
@@ -18,6 +19,20 @@ byte are measured, a sample is printed, out/ckpt.pt (and best.pt on improvement)
 durably (fsync, rename, fsync: a kill or a power loss leaves the previous file) and out/loss.svg
 is redrawn. A fresh run into a used out_dir first removes the earlier run's files.
 
+How the file reads, top to bottom: the configuration and its per-device defaults; the device
+and processes; the data (windows over token shards); evaluation; the model and optimizers
+(AdamW, Muon); one step's gradients with the out-of-memory fallback; checkpoints; logs and the
+loss plot; then the run itself, as named phases that `train()` calls in a short loop:
+
+    setup_run          device, data, model, optimizers, out_dir, --resume, compile and DDP
+    check_stop         a signal or the --max_minutes budget ends the run between steps
+    train_step         one optimizer step: lr, gradients, clip, the non-finite guard
+    log_progress       a console line and a log.jsonl row, on the training clock
+    evaluate_and_save  validation loss and bits per byte, a sample, ckpt.pt, best.pt, loss.svg
+
+The phases take the Run they advance as an argument, so finetune.py drives the same steps
+with its own batches (train_step's batch_fn) instead of copying the loop.
+
 Sources: nanoGPT train.py and llm.c train_gpt2.py (loop structure, accumulation and DDP
 sync on the last micro-step, MFU); Loshchilov & Hutter 2019 (AdamW); Hoffmann et al. 2022
 (Chinchilla, ~20 tokens per parameter); Hagele et al. 2024 and Hu et al. 2024 (MiniCPM) for
@@ -27,7 +42,6 @@ Chen et al. 2016 (activation checkpointing); Micikevicius et al. 2018 (loss scal
 
 import contextlib
 import gc
-import hashlib
 import json
 import math
 import os
@@ -39,7 +53,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -47,21 +61,24 @@ import torch.distributed as dist
 
 from model import GPT, PRESETS, GPTConfig, peak_flops
 from prepare import PrepareConfig, open_shard, prepare
-from tokenizer import Tokenizer, parse_config
+from tokenizer import Tokenizer, atomic_write, file_sha256, parse_config
 
 # -----------------------------------------------------------------------------
 # Configuration
+
+# One field per option, `--key=value` on the command line; the trailing comment is its -h text.
+# 0, "" and -1 mean "the device default" (DEVICE_DEFAULTS below) or "the preset's value".
 
 
 @dataclass
 class TrainConfig:
     # data and outputs
-    dataset: str = "pystdlib"  # a prepared directory (with meta.json), or a name/file/URL that prepare.py turns into data_dir/NAME
+    dataset: str = "pystdlib"  # a prepared dir (with meta.json), or a name/file/URL for prepare.py
     data_dir: str = "data"  # where prepare.py keeps its datasets
-    out_dir: str = "out"  # ckpt.pt, best.pt, log.jsonl, loss.svg, config.json and tokenizer.bpe are written here
-    sampling: str = "random"  # "random" windows anywhere in the train split, or "sequential" non-overlapping windows in order
+    out_dir: str = "out"  # ckpt.pt, best.pt, log.jsonl, loss.svg, config.json, tokenizer.bpe
+    sampling: str = "random"  # "random" windows, or "sequential" non-overlapping ones in order
     # model: 0, "" or -1 keep the preset's value
-    preset: str = ""  # a model.py PRESETS name; "" = the device default (CPU_MODEL below on a CPU, gpt2 on CUDA)
+    preset: str = ""  # a model.py PRESETS name; "" = CPU_MODEL on a CPU, gpt2 on CUDA
     block_size: int = 0  # context length in tokens
     n_layer: int = 0  # transformer blocks
     n_head: int = 0  # query heads
@@ -71,43 +88,43 @@ class TrainConfig:
     mlp: str = ""  # "gelu" or "swiglu"
     pos: str = ""  # "learned" or "rope"
     dropout: float = -1.0  # dropout probability; -1 keeps the preset's
-    pad_vocab: int = 64  # round the embedding rows up to a multiple of this (tensor-core friendly); padded ids are never sampled
+    pad_vocab: int = 64  # round the vocabulary up to a multiple of this (faster matmuls)
     # batch
-    batch_size: int = 0  # micro-batch rows per process; 0 = device default; halved automatically on CUDA out-of-memory
-    total_batch_size: int = 0  # tokens per optimizer step over all micro-steps and processes; 0 = one micro-batch per process
+    batch_size: int = 0  # micro-batch rows per process; halved by itself on CUDA out-of-memory
+    total_batch_size: int = 0  # tokens per optimizer step; 0 = one micro-batch per process
     # optimizer and schedule
-    optimizer: str = ""  # "adamw", or "muon" (Muon for the 2-D hidden matrices, AdamW for the rest); "" = device default
-    learning_rate: float = 0.0  # peak learning rate; 0 = device default
-    muon_lr: float = 0.0  # peak Muon learning rate (RMS-matched to AdamW, Liu et al. 2025); 0 = same as learning_rate
-    min_lr_ratio: float = -1.0  # the schedule ends at learning_rate * min_lr_ratio; -1 = device default
-    warmup_steps: int = -1  # linear warmup steps; -1 = device default
-    schedule: str = ""  # "cosine" decay after warmup, or "wsd" (warmup, stable, linear decay over decay_frac); "" = device default
-    decay_frac: float = 0.0  # wsd: the final fraction of training spent decaying; 0 = device default
-    weight_decay: float = 0.1  # decoupled weight decay on matrices only (model.param_groups)
+    optimizer: str = ""  # "adamw", or "muon" (Muon on hidden matrices, AdamW on the rest)
+    learning_rate: float = 0.0  # peak learning rate
+    muon_lr: float = 0.0  # peak Muon lr (RMS-matched to AdamW's); 0 = learning_rate
+    min_lr_ratio: float = -1.0  # the schedule ends at learning_rate * min_lr_ratio
+    warmup_steps: int = -1  # linear warmup steps
+    schedule: str = ""  # "cosine", or "wsd" (warmup, stable, linear decay over decay_frac)
+    decay_frac: float = 0.0  # wsd: the final fraction of training spent decaying
+    weight_decay: float = 0.1  # decoupled weight decay, on matrices only (model.param_groups)
     beta1: float = 0.9  # AdamW beta1
-    beta2: float = 0.0  # AdamW beta2; 0 = device default (0.95 as in GPT-3 for big batches; 0.99 for the CPU's tiny, noisy ones)
-    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables clipping (the norm is still logged)
+    beta2: float = 0.0  # AdamW beta2 (0.95 for big batches as in GPT-3; 0.99 for tiny ones)
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
     # length
-    max_steps: int = 0  # optimizer steps; 0 = device default
-    max_minutes: float = 0.0  # stop with a checkpoint after this wall time (0 = no limit); the lr then anneals on the clock
-    stop_step: int = 0  # stop with a checkpoint at this step, schedule unchanged (a run in parts); 0 = max_steps
+    max_steps: int = 0  # optimizer steps
+    max_minutes: float = 0.0  # wall-time budget, the lr annealing on the clock; 0 = none
+    stop_step: int = 0  # stop with a checkpoint at this step, schedule unchanged; 0 = max_steps
     # evaluation and logging
-    eval_interval: int = 0  # steps between evaluations and checkpoints; 0 = device default
-    eval_batches: int = 20  # validation micro-batches per evaluation (a fixed set of windows spread over the split)
-    log_interval: int = 0  # steps between console lines (and log.jsonl rows); 0 = device default
+    eval_interval: int = 0  # steps between evaluations and checkpoints
+    eval_batches: int = 20  # validation micro-batches per evaluation (fixed windows)
+    log_interval: int = 0  # steps between console lines (and log.jsonl rows)
     sample_tokens: int = 48  # tokens sampled at each evaluation (0 = no sample)
     wandb: bool = False  # also log to Weights & Biases (needs `pip install wandb`)
     wandb_project: str = "gpt"  # wandb project name
     # system
     device: str = "auto"  # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:1", "mps"
-    dtype: str = "auto"  # "auto" (GPU: bf16 autocast, or fp16 + GradScaler without bf16; CPU: fp32), float32, bfloat16, float16
-    compile: str = "auto"  # torch.compile the model: "auto" (on for CUDA only), "true", "false"
-    grad_checkpoint: bool = False  # recompute each block's activations in backward: less memory, ~30% more compute
+    dtype: str = "auto"  # "auto", float32, bfloat16, float16 (see choose_device)
+    compile: str = "auto"  # torch.compile the model: "auto" (CUDA only), "true", "false"
+    grad_checkpoint: bool = False  # recompute activations in backward: less memory, ~30% slower
     seed: int = 1337  # seeds the initial weights, dropout and the data order
-    resume: bool = False  # continue out_dir/ckpt.pt (weights, optimizer, step, data position, RNG, clock); off: start afresh, removing out_dir's earlier run
+    resume: bool = False  # continue out_dir/ckpt.pt; without it, start afresh there
     # stability
-    max_bad_steps: int = 3  # non-finite steps in a row before reloading the last checkpoint with half the learning rate
-    spike_factor: float = 1.5  # log a loss spike when a step's loss exceeds this times the running mean
+    max_bad_steps: int = 3  # non-finite steps in a row before reloading at half the lr
+    spike_factor: float = 1.5  # log a loss spike above this times the running mean
 
 
 # Per-device defaults for the fields left at their "device default" values. CPU: a small
@@ -117,29 +134,65 @@ class TrainConfig:
 # "Measurements"): Muon beat AdamW by ~0.1 bits/byte at equal time once its Newton-Schulz
 # iteration ran in fp32 (Muon32); 16 rows a step beat 8 and 32; wsd beat cosine; lr 4e-3 and
 # 6e-3 tied, 2-3e-3 lost. 2000 steps take about 5 minutes on 2 cores. CUDA: GPT-2 small
-# (124M) with AdamW and 256K-token batches; pystdlib is only ~8.5M tokens, so the run is ~12
-# epochs with dropout and best.pt keeps the best validation loss.
+# with AdamW and 256K-token batches; pystdlib is only ~8.5M tokens, so the run is ~12 epochs
+# with dropout and best.pt keeps the best validation loss.
 CPU_MODEL = dict(block_size=64, n_layer=4, n_head=4, n_kv_head=4, n_embd=128, norm="rmsnorm",
-                 mlp="swiglu", pos="rope", rope_theta=10000.0, bias=False, dropout=0.0, tie_embeddings=True)
+                 mlp="swiglu", pos="rope", rope_theta=10000.0, bias=False, dropout=0.0,
+                 tie_embeddings=True)
 DEVICE_DEFAULTS = {
-    "cpu": dict(optimizer="muon", batch_size=16, learning_rate=4e-3, warmup_steps=20, max_steps=2000, schedule="wsd",
-                decay_frac=0.4, eval_interval=250, min_lr_ratio=0.0, beta2=0.99, log_interval=50),
-    "cuda": dict(preset="gpt2", optimizer="adamw", batch_size=32, total_batch_size=2**18, learning_rate=6e-4,
-                 warmup_steps=40, max_steps=400, schedule="cosine", decay_frac=0.2, eval_interval=50,
-                 min_lr_ratio=0.1, beta2=0.95, dropout=0.1, log_interval=10),
+    "cpu": dict(optimizer="muon", batch_size=16, learning_rate=4e-3, warmup_steps=20,
+                max_steps=2000, schedule="wsd", decay_frac=0.4, eval_interval=250,
+                min_lr_ratio=0.0, beta2=0.99, log_interval=50),
+    "cuda": dict(preset="gpt2", optimizer="adamw", batch_size=32, total_batch_size=2**18,
+                 learning_rate=6e-4, warmup_steps=40, max_steps=400, schedule="cosine",
+                 decay_frac=0.2, eval_interval=50, min_lr_ratio=0.1, beta2=0.95, dropout=0.1,
+                 log_interval=10),
 }
 
-# Test hooks (see test_all.py): inject a CUDA-style out-of-memory error on the next `oom`
-# micro-steps, a NaN loss at the listed steps, and call before_rename(tmp) just before a
-# checkpoint's temporary file is renamed into place. Never set in normal runs.
-FAULTS = {"oom": 0, "nan_steps": (), "before_rename": None}
+
+def resolve_config(cfg: TrainConfig, device: torch.device) -> TrainConfig:
+    """Fill the fields left at their "device default" values from DEVICE_DEFAULTS; validate."""
+    defaults = DEVICE_DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
+    # a field still at its declared default means "use the device default"
+    unset = {f.name: f.default for f in fields(TrainConfig)}
+    explicit_muon = cfg.optimizer == "muon"
+    for key, value in defaults.items():
+        if getattr(cfg, key) == unset[key]:
+            setattr(cfg, key, value)
+    for key, allowed in (("sampling", ("random", "sequential")), ("optimizer", ("adamw", "muon")),
+                         ("schedule", ("cosine", "wsd")), ("compile", ("auto", "true", "false"))):
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(f"--{key}={getattr(cfg, key)} is not one of {', '.join(allowed)}")
+    if cfg.batch_size < 1 or cfg.max_steps < 1 or cfg.learning_rate <= 0:
+        raise ValueError("--batch_size and --max_steps must be at least 1 and --learning_rate "
+                         "positive")
+    if cfg.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+        if explicit_muon:
+            raise RuntimeError(f"--optimizer=muon needs torch.optim.Muon (torch >= 2.9); this is "
+                               f"torch {torch.__version__}")
+        cfg.optimizer = "adamw"  # the CPU default asked for Muon, but this torch predates it
+    if cfg.schedule == "wsd" and not 0 < cfg.decay_frac <= 1:
+        raise ValueError(f"--decay_frac={cfg.decay_frac} must be in (0, 1]: the fraction of the "
+                         f"steps spent decaying")
+    cfg.warmup_steps = min(cfg.warmup_steps, cfg.max_steps)
+    return cfg
+
+
+# Test hooks (see test_all.py): a CUDA-style out-of-memory error on the next `oom` micro-steps,
+# and a NaN loss at the listed steps. Never set in normal runs.
+FAULTS = {"oom": 0, "nan_steps": ()}
 
 # -----------------------------------------------------------------------------
 # Device, dtype and processes
 
+# Decided once, printed with the reason (STYLE rule 8). Under torchrun each process reads its
+# rank from the environment, takes one GPU (LOCAL_RANK) and joins the process group.
+
 
 def choose_device(cfg: TrainConfig, local_rank: int = 0) -> tuple[torch.device, torch.dtype, str]:
-    """Decide device and compute dtype once; returns (device, dtype, reason). Never touches CUDA without it."""
+    """Decide device and compute dtype once; returns (device, dtype, reason). Never touches
+    CUDA without it. "auto" dtype: bf16 autocast on GPUs of compute capability 8.0 or newer,
+    fp16 autocast with a GradScaler below that, fp32 on CPUs and Apple's MPS."""
     name = cfg.device
     if name == "auto":
         if torch.cuda.is_available():
@@ -151,7 +204,8 @@ def choose_device(cfg: TrainConfig, local_rank: int = 0) -> tuple[torch.device, 
     else:
         why = "--device was given"
         if name.startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError(f"--device={name} was asked for but this torch build sees no CUDA GPU; use --device=cpu")
+            raise RuntimeError(f"--device={name} was asked for but this torch build sees no CUDA "
+                               f"GPU; use --device=cpu")
         if name == "cuda":
             name = f"cuda:{local_rank}"
     device = torch.device(name)
@@ -167,11 +221,12 @@ def choose_device(cfg: TrainConfig, local_rank: int = 0) -> tuple[torch.device, 
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         # subtle: torch.cuda.is_bf16_supported() also counts emulation, so it says True on V100
-        # (7.0) and T4 (7.5), whose bf16 is emulated and slow; bf16 tensor cores start at Ampere (8.0)
+        # (7.0) and T4 (7.5), whose bf16 is emulated and slow; bf16 tensor cores start at
+        # Ampere (8.0)
+        capability = f"compute capability {major}.{minor}"
         if major >= 8:
-            return device, torch.bfloat16, why + f"; bf16 autocast (compute capability {major}.{minor})"
-        return device, torch.float16, why + (f"; fp16 autocast with a GradScaler (compute capability "
-                                             f"{major}.{minor} has no native bf16)")
+            return device, torch.bfloat16, why + f"; bf16 autocast ({capability})"
+        return device, torch.float16, why + f"; fp16 autocast, GradScaler ({capability}: no bf16)"
     return device, torch.float32, why + "; fp32 (autocast buys little on " + device.type + ")"
 
 
@@ -188,8 +243,11 @@ def keep_freed_memory() -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl without mallopt): nothing to do
+        one_gb = 1 << 30
+        mmap_set = libc.mallopt(M_MMAP_THRESHOLD, one_gb)  # blocks under 1 GB come from the heap
+        return bool(mmap_set and libc.mallopt(M_TRIM_THRESHOLD, one_gb))  # and stay there
+    # not glibc (macOS, Windows, musl without mallopt): nothing to do
+    except (OSError, AttributeError):
         return False
 
 
@@ -201,26 +259,51 @@ def setup_distributed() -> tuple[int, int, int]:
     return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world
 
 
+def start_processes(cfg: TrainConfig) -> tuple[int, int, torch.device, torch.dtype, str]:
+    """This process's (rank, world, device, dtype, reason), with the process group joined
+    under torchrun and TF32 allowed on CUDA. NCCL talks GPU to GPU; gloo is PyTorch's CPU
+    backend, which is how the tests run two processes on a laptop."""
+    rank, local_rank, world = setup_distributed()
+    device, dtype, why = choose_device(cfg, local_rank)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        # TF32 for any fp32 matmul left outside autocast
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cpu" and keep_freed_memory():
+        why += "; malloc keeps freed memory (fewer page faults)"
+    return rank, world, device, dtype, why
+
 # -----------------------------------------------------------------------------
 # Data: fixed-length windows over llm.c-format shards
+
+# prepare.py wrote each split as shards of token ids, every document starting with
+# <|endoftext|>. Training reads windows of block_size + 1 tokens straight from memory-mapped
+# shards: the first block_size are the inputs, the last block_size the targets (the same
+# tokens shifted by one), so every position learns to predict its next token.
 
 
 def bits_per_byte(loss_nats: float, tokens: int, n_bytes: int) -> float:
     """Convert a mean per-token loss (nats) into bits per UTF-8 byte: loss / ln 2 * tokens / bytes.
-    Tokenizer-independent, so a char model and a BPE model can be compared (e.g. 1.88 nats/char ~ 2.72 bpb)."""
+    Tokenizer-independent, so a char model and a BPE model can be compared: nanoGPT's Tiny
+    Shakespeare char model at 1.88 nats/char is 2.72 bits/byte (one byte per char there)."""
     return loss_nats / math.log(2) * tokens / n_bytes
 
 
 def load_meta(data_dir: str) -> dict:
+    """prepare.py's meta.json of data_dir, checked for the fields this file reads."""
     path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist; run `python prepare.py` (or pass --dataset=NAME) first")
+        raise FileNotFoundError(f"{path} does not exist; run `python prepare.py` (or pass "
+                                f"--dataset=NAME) first")
     try:
         with open(path) as f:
             meta = json.load(f)
         meta["vocab_size"], meta["splits"]["train"]["shards"], meta["splits"]["val"]["shards"]
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path} is not a valid prepare.py meta.json ({e!r}); re-run prepare.py with --force") from None
+        raise ValueError(f"{path} is not a valid prepare.py meta.json ({e!r}); re-run prepare.py "
+                         f"with --force") from None
     return meta
 
 
@@ -231,55 +314,71 @@ class TokenWindows:
     resuming needs only the counter, and splitting a step's rows into micro-batches, processes
     or a halved micro-batch after an OOM always yields the same global batch."""
 
-    def __init__(self, data_dir: str, meta: dict, split: str, block_size: int, seed: int, vocab_size: int = 0):
+    def __init__(self, data_dir: str, meta: dict, split: str, block_size: int, seed: int,
+                 vocab_size: int = 0):
         self.T, self.seed = block_size, seed
         files = meta["splits"][split]["shards"]
         if not files:
-            raise ValueError(f"{data_dir}/meta.json lists no {split} shards; re-run prepare.py with --force")
+            raise ValueError(f"{data_dir}/meta.json lists no {split} shards; re-run prepare.py "
+                             f"with --force")
+        # memory-mapped: nothing is read until a window is sliced, so shards may exceed RAM
         self.shards = [open_shard(os.path.join(data_dir, f)) for f in files]
-        # a shard of another tokenizer: ids past the vocabulary train on rows that mean nothing (or
-        # crash the embedding); its first million tokens tell, for ~2 MB of reading per shard
+        # a shard of another tokenizer: ids past the vocabulary train on rows that mean nothing
+        # (or crash the embedding); its first million tokens tell, for ~2 MB of reading per shard
         for f, s in zip(files, self.shards):
             top = int(s[:1_000_000].max()) if len(s) else 0
             if vocab_size and top >= vocab_size:
-                raise ValueError(f"shard {os.path.join(data_dir, f)} holds token id {top}, but the tokenizer has "
-                                 f"only {vocab_size} ids; HINT: it was made with another tokenizer, rerun "
-                                 f"prepare.py with --force.")
+                raise ValueError(f"shard {os.path.join(data_dir, f)} holds token id {top}, but "
+                                 f"the tokenizer has only {vocab_size} ids; HINT: it was made with "
+                                 f"another tokenizer, rerun prepare.py with --force.")
         # a window starting at p reads tokens p .. p+T, so a shard of n tokens has n-T starts
-        self.starts = np.array([max(0, len(s) - block_size) for s in self.shards], dtype=np.int64)
-        self.chunks = np.array([max(0, (len(s) - 1) // block_size) for s in self.shards], dtype=np.int64)
+        lengths = np.array([len(s) for s in self.shards], dtype=np.int64)
+        self.starts = np.maximum(0, lengths - block_size)  # random windows may start anywhere
+        self.chunks = np.maximum(0, (lengths - 1) // block_size)  # sequential ones tile the shard
         if self.starts.sum() == 0:
             longest = max(len(s) for s in self.shards)
-            raise ValueError(f"the {split} split of {data_dir} has at most {longest} tokens per shard, too few for "
-                             f"block_size={block_size}; lower --block_size or prepare more data")
+            raise ValueError(f"the {split} split of {data_dir} has at most {longest} tokens per "
+                             f"shard, too few for block_size={block_size}; lower --block_size or "
+                             f"prepare more data")
         self.cum_starts, self.cum_chunks = np.cumsum(self.starts), np.cumsum(self.chunks)
         self.rows = 0  # rows consumed so far: the resumable data position
 
     def _window(self, cum: np.ndarray, k: int, stride: int) -> np.ndarray:
-        s = int(np.searchsorted(cum, k, side="right"))  # which shard holds global start number k
-        off = (k - (int(cum[s - 1]) if s else 0)) * stride
-        return np.asarray(self.shards[s][off:off + self.T + 1], dtype=np.int64)
+        # which shard holds global start number k (cum is the running total of starts per shard)
+        shard = int(np.searchsorted(cum, k, side="right"))
+        offset = (k - (int(cum[shard - 1]) if shard else 0)) * stride
+        return np.asarray(self.shards[shard][offset:offset + self.T + 1], dtype=np.int64)
 
-    def rows_at(self, first_row: int, lo: int, hi: int, step_rows: int, sampling: str) -> np.ndarray:
+    def rows_at(self, first_row: int, lo: int, hi: int, step_rows: int,
+                sampling: str) -> np.ndarray:
         """Rows lo..hi of the step whose first row is first_row, as an int64 array (hi-lo, T+1)."""
+        # "random": windows anywhere, with overlaps, as nanoGPT samples (an epoch is a notion of
+        # expectation only); "sequential": each token is seen once per epoch, in order
         if sampling == "random":
-            # subtle: one generator per step keyed by its first row, drawing all step_rows starts, then slicing:
-            # the same global batch whatever the micro-batch size or process count
-            starts = np.random.default_rng([self.seed, first_row]).integers(0, int(self.cum_starts[-1]), size=step_rows)
+            # subtle: one generator per step keyed by its first row, drawing all step_rows starts,
+            # then slicing: the same global batch whatever the micro-batch size or process count
+            rng = np.random.default_rng([self.seed, first_row])
+            starts = rng.integers(0, int(self.cum_starts[-1]), size=step_rows)
             return np.stack([self._window(self.cum_starts, int(k), 1) for k in starts[lo:hi]])
-        n = int(self.cum_chunks[-1])  # sequential: non-overlapping windows in shard order, wrapping each epoch
-        return np.stack([self._window(self.cum_chunks, (first_row + r) % n, self.T) for r in range(lo, hi)])
+        # sequential: non-overlapping windows in order, wrapping each epoch
+        n = int(self.cum_chunks[-1])
+        rows = [self._window(self.cum_chunks, (first_row + r) % n, self.T) for r in range(lo, hi)]
+        return np.stack(rows)
 
     def fixed_windows(self, count: int) -> np.ndarray:
-        """`count` non-overlapping windows spread evenly over the split: the fixed validation set."""
+        """`count` non-overlapping windows spread evenly over the split: the validation set."""
         n = int(self.cum_chunks[-1])
         if n == 0:
-            raise ValueError(f"the validation split is shorter than block_size={self.T}+1 tokens; lower --block_size")
+            raise ValueError(f"the validation split is shorter than block_size={self.T}+1 tokens; "
+                             f"lower --block_size")
+        # fixed, not random: every evaluation scores the same text, so successive losses are
+        # comparable and their noise is the model's, not the sample's
         picks = np.unique(np.linspace(0, n - 1, num=min(count, n)).round().astype(np.int64))
         return np.stack([self._window(self.cum_chunks, int(k), self.T) for k in picks])
 
 
 def to_device(rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) on the device from (B, T+1) rows: targets are the inputs shifted by one."""
     t = torch.from_numpy(rows)
     if device.type == "cuda":  # pinned host memory lets the copy overlap with compute
         t = t.pin_memory().to(device, non_blocking=True)
@@ -288,8 +387,49 @@ def to_device(rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, tor
     return t[:, :-1], t[:, 1:]  # inputs (B, T), targets (B, T)
 
 
+def find_dataset(cfg: TrainConfig) -> str:
+    """The dataset directory; runs prepare.py in-process when a named dataset is missing."""
+    if os.path.isfile(os.path.join(cfg.dataset, "meta.json")):
+        return cfg.dataset
+    if os.path.isdir(cfg.dataset) and any(n.endswith(".bin") for n in os.listdir(cfg.dataset)):
+        return cfg.dataset  # a prepared folder that lost its meta.json: load_meta says so
+    path = os.path.join(cfg.data_dir, cfg.dataset)
+    if not os.path.isfile(os.path.join(path, "meta.json")):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # N processes must not prepare it N times
+            raise FileNotFoundError(f"{path}/meta.json is missing; run `python prepare.py "
+                                    f"--dataset={cfg.dataset}` once before launching torchrun")
+        print(f"{path}/meta.json not found: preparing the {cfg.dataset} dataset first (python "
+              f"prepare.py --dataset={cfg.dataset})")
+        path = prepare(PrepareConfig(dataset=cfg.dataset, out_dir=cfg.data_dir))
+    return path
+
+
+def load_dataset(cfg: TrainConfig) -> tuple[str, dict, str, Tokenizer]:
+    """(data_dir, meta, tokenizer path, tokenizer), checked to agree with each other: a shard
+    is only meaningful with the tokenizer that wrote it. meta.json records the tokenizer's
+    sha256, so a tokenizer file edited or replaced after prepare.py ran is caught here."""
+    data_dir = find_dataset(cfg)
+    meta = load_meta(data_dir)
+    tok_path = os.path.join(data_dir, meta.get("tokenizer_file", "tokenizer.bpe"))
+    if not os.path.exists(tok_path):
+        raise FileNotFoundError(f"{tok_path} is missing; re-run prepare.py for {data_dir} with "
+                                f"--force")
+    if meta.get("tokenizer_sha256") and file_sha256(tok_path) != meta["tokenizer_sha256"]:
+        raise ValueError(f"{tok_path} is not the tokenizer that produced {data_dir}'s shards "
+                         f"(sha256 differs); re-run prepare.py with --force")
+    tok = Tokenizer.load(tok_path)
+    if tok.n_vocab != meta["vocab_size"]:
+        raise ValueError(f"{tok_path} has {tok.n_vocab} tokens but {data_dir}/meta.json says "
+                         f"{meta['vocab_size']}; re-run prepare.py with --force")
+    return data_dir, meta, tok_path, tok
+
+
 # -----------------------------------------------------------------------------
 # Evaluation
+
+# The validation loss is the mean next-token cross-entropy on held-out windows. Its value in
+# nats depends on the tokenizer (a bigger vocabulary packs more text in a token), so it is
+# also reported in bits per byte of text, which compares across tokenizers.
 
 
 @torch.no_grad()
@@ -299,8 +439,10 @@ def evaluate_windows(model, windows: np.ndarray, batch_size: int, device, ctx=No
     process takes every world-th batch and the sums are all-reduced. Returns (loss, tokens)."""
     ctx = ctx or contextlib.nullcontext()
     was_training = model.training
-    model.eval()
-    losses, counts = [], []  # one 0-d float32 tensor per batch (left on the device), tokens per batch
+    model.eval()  # dropout off: the same windows always give the same loss
+    # one 0-d float32 tensor per batch (left on the device), tokens per batch
+    losses, counts = [], []
+    # under DDP, process r takes batches r, r + world, r + 2 world, ...: each window once
     for i in range(rank * batch_size, len(windows), batch_size * world):
         x, y = to_device(windows[i:i + batch_size], device)
         with ctx:
@@ -321,12 +463,13 @@ def evaluate_windows(model, windows: np.ndarray, batch_size: int, device, ctx=No
     return total_loss / total_tokens, int(total_tokens)
 
 
-def evaluate_bpb(model, data_dir: str, split: str = "val", batch_size: int = 8, max_windows: int = 160,
-                 device="cpu", ctx=None) -> dict:
+def evaluate_bpb(model, data_dir: str, split: str = "val", batch_size: int = 8,
+                 max_windows: int = 160, device="cpu", ctx=None) -> dict:
     """Validation loss and bits per byte of `model` on a prepared dataset (used by bench.py):
     {"loss", "bpb", "tokens"} over up to max_windows windows of the model's block_size."""
     meta = load_meta(data_dir)
-    windows = TokenWindows(data_dir, meta, split, model.config.block_size, 0).fixed_windows(max_windows)
+    data = TokenWindows(data_dir, meta, split, model.config.block_size, 0)
+    windows = data.fixed_windows(max_windows)
     loss, tokens = evaluate_windows(model, windows, batch_size, torch.device(device), ctx)
     s = meta["splits"][split]
     return {"loss": loss, "bpb": bits_per_byte(loss, s["tokens"], s["bytes"]), "tokens": tokens}
@@ -335,11 +478,18 @@ def evaluate_bpb(model, data_dir: str, split: str = "val", batch_size: int = 8, 
 # -----------------------------------------------------------------------------
 # Model and optimizers
 
+# AdamW for everything by default; with --optimizer=muon, Muon takes the 2-D matrices inside
+# the blocks (attention and MLP weights) and AdamW keeps the embeddings, the head and the
+# norms. Both follow one schedule: linear warmup, then cosine or warmup-stable-decay.
+
 
 def resolve_model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
+    """The model to train: a model.py preset (or CPU_MODEL), with the model fields given on
+    the command line laid over it and the vocabulary padded."""
     if cfg.preset:
         if cfg.preset not in PRESETS:
-            raise ValueError(f"--preset={cfg.preset} is not a model.py preset; choose one of {', '.join(PRESETS)}")
+            raise ValueError(f"--preset={cfg.preset} is not a model.py preset; choose one of "
+                             f"{', '.join(PRESETS)}")
         kw = dict(PRESETS[cfg.preset])
     else:
         kw = dict(CPU_MODEL)
@@ -347,30 +497,32 @@ def resolve_model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
         if getattr(cfg, key):
             kw[key] = getattr(cfg, key)
     if cfg.n_head and not cfg.n_kv_head and "n_kv_head" in kw:
-        kw["n_kv_head"] = cfg.n_head  # changing the head count alone keeps plain multi-head attention
+        # changing the head count alone keeps plain multi-head attention
+        kw["n_kv_head"] = cfg.n_head
     if cfg.dropout >= 0:
         kw["dropout"] = cfg.dropout
-    # subtle: pad the embedding rows to a multiple of pad_vocab (e.g. 50257 -> 50304) for faster matmuls;
-    # the extra logits are trained towards -inf and sample.py never samples them (vocab_limit)
+    # subtle: pad the embedding rows to a multiple of pad_vocab (e.g. 50257 -> 50304) for faster
+    # matmuls; the extra logits are trained towards -inf and sample.py never samples them
     kw["vocab_size"] = -(-vocab_size // max(1, cfg.pad_vocab)) * max(1, cfg.pad_vocab)
     return GPTConfig(**kw)
 
 
 def hidden_matrices(model: GPT) -> set:
-    """ids of the 2-D weights inside the transformer blocks: what Muon orthogonalises. Embeddings and
-    the output head (tied or not) are excluded: their rows are per-token lookups, not linear maps."""
+    """ids of the 2-D weights inside the transformer blocks: what Muon orthogonalises. Embeddings
+    and the output head (tied or not) are excluded: their rows are per-token lookups, not linear
+    maps, and Muon's authors keep them on AdamW (Jordan et al. 2024)."""
     skip = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     skip |= {id(m.weight) for m in model.modules()
              if isinstance(m, torch.nn.Linear) and m.out_features == model.config.vocab_size}
     return {id(p) for p in model.parameters() if p.ndim == 2 and id(p) not in skip}
 
 
-class Muon32(getattr(torch.optim, "Muon", torch.optim.Optimizer)):  # torch < 2.9 has no Muon: never used there
+class Muon32(getattr(torch.optim, "Muon", torch.optim.Optimizer)):  # torch < 2.9: never used
     """torch.optim.Muon with its Newton-Schulz iteration in float32, for CPUs. The built-in one
     runs the iteration in bfloat16, right on GPUs but emulated slowly on CPUs without bf16 matrix
-    units: 600-790 ms a step for the 4 x 128 CPU model on 2 cores, against 23-30 ms here. Same math,
-    hyperparameters and state ("momentum_buffer"), so checkpoints move between the two; matrices
-    of one shape are orthogonalised together in one batched matmul (fewer, larger kernels)."""
+    units: 600-790 ms a step for the 4 x 128 CPU model on 2 cores, against 23-30 ms here. Same
+    math, hyperparameters and state ("momentum_buffer"), so checkpoints move between the two;
+    matrices of one shape are orthogonalised together in one batched matmul (fewer kernels)."""
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -384,21 +536,29 @@ class Muon32(getattr(torch.optim, "Muon", torch.optim.Optimizer)):  # torch < 2.
             for p in group["params"]:
                 if p.grad is None:
                     continue
+                # momentum first, then orthogonalise the momentum, not the raw gradient
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
                 buf.lerp_(p.grad, 1 - mu)  # buf = mu * buf + (1 - mu) * grad
-                u = p.grad.lerp(buf, mu) if group["nesterov"] else buf  # Nesterov: look one step ahead
-                u = u.float() if u.shape[0] <= u.shape[1] else u.float().T  # iterate on the wide side
+                u = p.grad.lerp(buf, mu) if group["nesterov"] else buf  # Nesterov: one step ahead
+                # iterate on the wide side: X X^T is then the smaller of the two Gram matrices
+                u = u.float() if u.shape[0] <= u.shape[1] else u.float().T
                 by_shape.setdefault(tuple(u.shape), []).append((p, u))
+            # the quintic's coefficients (3.4445, -4.7750, 2.0315 by default) were tuned by
+            # Jordan et al. to reach singular values near 1 in 5 steps, not exactly 1
             a, b, c = group["ns_coefficients"]
             for items in by_shape.values():
-                X = torch.stack([u for _, u in items])
-                X = X / X.norm(dim=(1, 2), keepdim=True).clamp(min=group["eps"])  # spectral norm <= 1
-                for _ in range(group["ns_steps"]):  # X <- a X + (b A + c A^2) X, A = X X^T: singular values -> ~1
+                X = torch.stack([u for _, u in items])  # (n, rows, cols)
+                # scale so the spectral norm is <= 1 (the Frobenius norm bounds it), where the
+                # iteration converges
+                X = X / X.norm(dim=(1, 2), keepdim=True).clamp(min=group["eps"])
+                # X <- a X + (b A + c A^2) X with A = X X^T: a quintic that pushes every singular
+                # value towards 1, i.e. X towards the orthogonal factor U V^T of its SVD
+                for _ in range(group["ns_steps"]):
                     A = X @ X.mT
                     X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)
                 for (p, _), o in zip(items, X):
                     rows, cols = p.shape
-                    if group["adjust_lr_fn"] == "match_rms_adamw":  # Liu et al. 2025: update RMS ~ AdamW's
+                    if group["adjust_lr_fn"] == "match_rms_adamw":  # Liu et al. 2025: RMS ~ AdamW's
                         step_lr = lr * 0.2 * math.sqrt(max(rows, cols))
                     else:  # Jordan's original: sqrt(max(1, rows / cols))
                         step_lr = lr * math.sqrt(max(1.0, rows / cols))
@@ -416,65 +576,91 @@ def build_optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list
         params = [p for p in g["params"] if id(p) not in muon_ids]
         if params:
             groups.append({**g, "params": params, "base_lr": cfg.learning_rate})
-    # fused: one kernel over all parameters instead of a Python loop of small ops (CPU: 5.4 -> 1.3 ms a step)
+    # fused: one kernel over all parameters instead of a loop of small ops
+    # (the CPU model: 5.4 -> 1.3 ms a step)
     fused = device.type in ("cuda", "cpu")
-    opts = [torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)]
+    betas = (cfg.beta1, cfg.beta2)
+    optimizers = [torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, fused=fused)]
     if muon_ids:
         lr = cfg.muon_lr or cfg.learning_rate
-        mats = [p for p in model.parameters() if id(p) in muon_ids]
-        # "match_rms_adamw" scales each update to AdamW's RMS (0.2 * sqrt(max(A, B))), so the AdamW lr transfers
+        matrices = [p for p in model.parameters() if id(p) in muon_ids]
+        # "match_rms_adamw" scales each update to AdamW's RMS (0.2 * sqrt(max(A, B))), so the
+        # AdamW learning rate transfers (Liu et al. 2025)
         muon = torch.optim.Muon if device.type == "cuda" else Muon32
-        opts.append(muon([{"params": mats, "base_lr": lr}], lr=lr, weight_decay=cfg.weight_decay,
-                         momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw"))
-    return opts
+        optimizers.append(muon([{"params": matrices, "base_lr": lr}], lr=lr,
+                               weight_decay=cfg.weight_decay, momentum=0.95, nesterov=True,
+                               adjust_lr_fn="match_rms_adamw"))
+    return optimizers
 
 
 def lr_factor(step: int, cfg: TrainConfig, time_frac: float = 0.0) -> float:
     """Multiplier on the peak lr: linear warmup, then cosine or warmup-stable-decay to min_lr_ratio.
     Progress is the larger of the step fraction and the wall-clock fraction (time_frac, under
     --max_minutes) so that a time-limited run still anneals before it stops."""
+    # warmup: Adam's second-moment estimates are noisy over the first steps, so full-size updates
+    # then can throw the weights far off (Goyal et al. 2017, and every GPT recipe since)
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     lo = cfg.min_lr_ratio
-    if cfg.schedule == "wsd":
+    if cfg.schedule == "wsd":  # hold the peak, then decay linearly over the last decay_frac
         p = min(1.0, max(step / cfg.max_steps, time_frac))
         start = 1.0 - cfg.decay_frac
         return 1.0 if p < start else 1.0 - (1.0 - lo) * (p - start) / max(cfg.decay_frac, 1e-9)
-    p = min(1.0, max((step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps), time_frac))
+    decay_steps = max(1, cfg.max_steps - cfg.warmup_steps)
+    p = min(1.0, max((step - cfg.warmup_steps) / decay_steps, time_frac))
+    # half a cosine from 1 down to min_lr_ratio (Loshchilov & Hutter 2017, SGDR)
     return lo + (1.0 - lo) * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
 # -----------------------------------------------------------------------------
 # One optimizer step's gradients, with the out-of-memory fallback
 
+# A step's batch can be larger than fits in memory at once: it is cut into micro-batches whose
+# gradients add up (gradient accumulation). When a micro-batch runs out of CUDA memory, the
+# step is retried with half of it and twice the accumulation: the same rows, the same update.
 
-# torch.OutOfMemoryError is torch >= 2.5; before it the same class lived at torch.cuda.OutOfMemoryError
+
+# torch.OutOfMemoryError is torch >= 2.5; before it the same class was torch.cuda.OutOfMemoryError
 OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+    # older paths (and other backends) raise a plain RuntimeError that says so
+    said_so = isinstance(e, RuntimeError) and "out of memory" in str(e)
+    return isinstance(e, OutOfMemoryError) or said_so
 
 
-def accumulate_gradients(model, batch_fn, micro_bs: int, accum: int, ctx, scaler=None, nan: bool = False) -> torch.Tensor:
+def accumulate_gradients(model, batch_fn, micro_bs: int, accum: int, ctx, scaler=None,
+                         nan: bool = False) -> torch.Tensor:
     """Forward and backward over `accum` micro-batches of micro_bs rows; gradients end up as those
     of the mean loss over all rows (each micro-loss is divided by accum). Under DDP the all-reduce
-    runs only on the last micro-step (no_sync before). Returns the mean loss (detached)."""
+    runs only on the last micro-step (no_sync before). Returns the mean loss (detached).
+    batch_fn(lo, hi) gives rows lo..hi of this process's share of the step as (inputs, targets);
+    targets of -100 carry no loss (finetune.py masks its prompts that way)."""
+    # Dividing each micro-batch's mean loss by accum makes the summed gradients those of the mean
+    # over the whole step, so accum micro-batches of B rows train exactly like one batch of
+    # accum x B rows (tested against a single large batch).
     total = 0.0
     for m in range(accum):
         x, y = batch_fn(m * micro_bs, (m + 1) * micro_bs)
         last = m == accum - 1
-        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        # under DDP, no_sync() skips the all-reduce: only the last micro-step pays for it
+        no_sync = getattr(model, "no_sync", None)
+        sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
         with sync:
             with ctx:
                 logits, loss = model(x, y)
-            if FAULTS["oom"] > 0:  # after the forward, as a real OOM: this frame holds the activations
+            # after the forward, as a real OOM: this frame holds the activations
+            if FAULTS["oom"] > 0:
                 FAULTS["oom"] -= 1
                 raise OutOfMemoryError("CUDA out of memory (injected by a test)")
-            del logits  # the graph keeps what backward needs; the (B, T, V) logits need not wait for it
+            # the graph keeps what backward needs; the (B, T, V) logits need not wait for it
+            del logits
             if nan:
                 loss = loss * float("nan")
             loss = loss / accum
+            # fp16: multiply the loss by the GradScaler's scale so small gradients do not
+            # underflow to zero in half precision (Micikevicius et al. 2018); unscaled later
             (scaler.scale(loss) if scaler is not None else loss).backward()
         total = total + loss.detach()
     return total
@@ -482,7 +668,9 @@ def accumulate_gradients(model, batch_fn, micro_bs: int, accum: int, ctx, scaler
 
 def free_failed_step(optimizers: list, device: torch.device) -> None:
     """After an out-of-memory error: drop the partial gradients, collect what the failed step left
-    (once its traceback is gone), and hand the CUDA allocator's cached blocks back."""
+    (once its traceback is gone), and hand the CUDA allocator's cached blocks back. gc.collect
+    breaks any reference cycle still holding activations; empty_cache then returns the freed
+    blocks, so the smaller micro-batch does not meet a fragmented cache."""
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     gc.collect()
@@ -502,11 +690,18 @@ def smaller_micro_batch(b: int) -> int:
 # -----------------------------------------------------------------------------
 # Checkpoints
 
+# ckpt.pt is the latest state, written at every evaluation; best.pt a copy of the one with the
+# lowest validation loss. Both hold plain tensors and values only (no pickled classes), are
+# written all-or-nothing through tokenizer.atomic_write, and load with weights_only=True.
+
 
 def rng_state() -> dict:
+    """Every random generator the run draws from, as plain values (weights_only loads them)."""
+    # numpy's state holds an array of 624 uint32s: stored as a list, a plain value that
+    # torch.load(weights_only=True) accepts (a numpy array would need unpickling)
     np_state = np.random.get_state()
     return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],  # plain values: weights_only loads them
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
@@ -519,54 +714,45 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def fsync_path(path: str) -> None:
-    """Flush a file, or a directory's list of names, from the OS cache to the disk. Without it a
-    rename survives a crash of the process but not a power loss: the kernel may write the new name
-    before the data it points to, leaving a complete-looking, empty checkpoint."""
-    if os.path.isdir(path):
-        if not hasattr(os, "O_DIRECTORY"):  # Windows cannot open a directory; NTFS orders this itself
-            return
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    else:
-        fd = os.open(path, os.O_RDWR)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def replace_durably(tmp: str, path: str) -> None:
-    """Rename a finished temporary file over `path`: fsync the file, rename, fsync the directory."""
-    fsync_path(tmp)
-    if FAULTS["before_rename"]:
-        FAULTS["before_rename"](tmp)  # test hook: the chaos suite kills the process here
-    os.replace(tmp, path)
-    fsync_path(os.path.dirname(os.path.abspath(path)))
-
-
 def save_checkpoint(path: str, ckpt: dict) -> None:
-    """torch.save to a temporary name, then rename: a crash, a power loss or a full disk leaves
+    """torch.save through tokenizer.atomic_write: a crash, a power loss or a full disk leaves
     the old file intact."""
-    tmp = path + ".tmp"
     try:
-        torch.save(ckpt, tmp)
-        replace_durably(tmp, path)
+        atomic_write(path, lambda tmp: torch.save(ckpt, tmp))  # torch.save closes its own file
     except (OSError, RuntimeError) as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise RuntimeError(f"could not write {path} ({str(e).splitlines()[0]}); the previous checkpoint is intact; "
-                           f"free disk space or pick another --out_dir") from None
+        first_line = str(e).splitlines()[0]
+        raise RuntimeError(f"could not write {path} ({first_line}); the previous checkpoint is "
+                           f"intact; free disk space or pick another --out_dir") from None
 
 
 def copy_durably(src: str, dst: str) -> None:
-    """Copy a finished file (ckpt.pt -> best.pt, the tokenizer) with the same all-or-nothing guarantee."""
+    """Copy a finished file (ckpt.pt -> best.pt, the tokenizer), all or nothing too."""
     try:
-        shutil.copyfile(src, dst + ".tmp")
-        replace_durably(dst + ".tmp", dst)
+        atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
     except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(dst + ".tmp")
-        raise RuntimeError(f"could not write {dst} ({e.strerror}); free disk space or pick another --out_dir") from None
+        raise RuntimeError(f"could not write {dst} ({e.strerror}); free disk space or pick another "
+                           f"--out_dir") from None
+
+
+def load_checkpoint(path: str, device="cpu") -> tuple[GPT, dict]:
+    """(model in eval mode on `device`, checkpoint dict) from a train.py checkpoint, loaded with
+    weights_only=True: tensors and plain values only, so a hostile file cannot run code."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist; train one with `python "
+                                f"train.py` first")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    except pickle.UnpicklingError:  # weights_only refused a class or a function: never run it
+        raise ValueError(f"{path} holds Python objects besides tensors and plain values; "
+                         f"loading them could run arbitrary code, so it is refused; retrain or "
+                         f"pick another file") from None
+    except Exception as e:  # a truncated file, or keys of another model shape
+        reason = " ".join(str(e).split())[:300]  # torch's message on one line
+        raise ValueError(f"{path} is not a loadable train.py checkpoint ({reason}); retrain or "
+                         f"pick another file") from None
+    return model.to(device).eval(), ckpt
 
 
 # What one run writes into its out_dir. A fresh run removes them first, so nothing of an earlier
@@ -580,15 +766,15 @@ def clear_previous_run(out_dir: str, log=print) -> None:
         return
     found = [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
     if found:
-        log(f"{out_dir} holds an earlier run ({', '.join(found)}): starting afresh, so they are removed; "
-            f"pass --resume to continue that run instead")
+        log(f"{out_dir} holds an earlier run ({', '.join(found)}): starting afresh, so they are "
+            f"removed; pass --resume to continue that run instead")
     leftovers = [f for f in os.listdir(out_dir) if f.endswith(".tmp") and f[:-4] in RUN_FILES]
     for f in found + leftovers:
         os.remove(os.path.join(out_dir, f))
 
 
 def checkpoint_step(path: str) -> int | None:
-    """The step a checkpoint holds, or None when it is missing or unreadable (mmap: no full read)."""
+    """The step a checkpoint holds, or None if it is missing or unreadable (mmap: no full read)."""
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)["step"]
     except Exception:
@@ -603,84 +789,93 @@ def repair_after_crash(out_dir: str, step: int, best_step: int) -> None:
     if best_step == step and checkpoint_step(best_path) != step:
         copy_durably(ckpt_path, best_path)
     log_path = os.path.join(out_dir, "log.jsonl")
-    if os.path.exists(log_path):
-        with open(log_path) as f:
-            rows = [line for line in f if line.strip()]
-        keep = []
-        for line in rows:
-            try:
-                if json.loads(line)["step"] <= step:
-                    keep.append(line)
-            except (ValueError, KeyError, TypeError):  # a line cut short by the kill
-                pass
-        if len(keep) != len(rows):
-            with open(log_path + ".tmp", "w") as f:
-                f.writelines(keep)
-            replace_durably(log_path + ".tmp", log_path)
-
-
-def load_checkpoint(path: str, device="cpu") -> tuple[GPT, dict]:
-    """(model in eval mode on `device`, checkpoint dict) from a train.py checkpoint, loaded with weights_only=True."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist; train one with `python train.py` first")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        model = GPT(GPTConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-    except pickle.UnpicklingError:  # weights_only refused a class or a function: never run it
-        raise ValueError(f"{path} holds Python objects besides tensors and plain values; loading them could run "
-                         f"arbitrary code, so it is refused; retrain or pick another file") from None
-    except Exception as e:  # a truncated file, or keys of another model shape
-        raise ValueError(f"{path} is not a loadable train.py checkpoint ({' '.join(str(e).split())[:300]}); "
-                         f"retrain or pick another file") from None
-    return model.to(device).eval(), ckpt
-
-
-def file_sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    if not os.path.exists(log_path):
+        return
+    with open(log_path) as f:
+        rows = [line for line in f if line.strip()]
+    keep = []
+    for line in rows:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):  # a line cut short by the kill
+            pass
+    if len(keep) != len(rows):
+        write_text(log_path, "".join(keep))
 
 
 # -----------------------------------------------------------------------------
 # Logs and the loss plot
 
+# log.jsonl has one JSON object per line (a progress line or an evaluation), easy to read
+# back with pandas or `jq`; loss.svg redraws both curves at each evaluation.
+
+
+def write_text(path: str, text: str) -> None:
+    """Replace a small text file (config.json, loss.svg, a trimmed log) all at once."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def append_log(out_dir: str, row: dict) -> None:
+    """One JSON line in out_dir/log.jsonl (appended: a kill loses at most the line being written,
+    which repair_after_crash drops)."""
+    with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
 
 def write_loss_svg(path: str, train_pts: list, val_pts: list) -> None:
-    """Train and validation loss against tokens as a small standalone SVG (no plotting dependency)."""
+    """Train and validation loss against tokens as a small standalone SVG (no plotting library)."""
     pts = train_pts + val_pts
     if len(pts) < 2:
         return
-    W, H, L, R, Tp, Bt = 640, 400, 60, 20, 20, 45  # canvas and margins in px
+    width, height = 640, 400  # the canvas, then the margins around the plot, in pixels
+    left, right, top, bottom = 60, 20, 20, 45
     x0, x1 = 0, max(p[0] for p in pts) or 1
     ys = [p[1] for p in pts if math.isfinite(p[1])]
     y0, y1 = min(ys), max(ys)
-    y0, y1 = (y0 - 0.1, y1 + 0.1) if y1 - y0 < 1e-6 else (y0 - 0.02 * (y1 - y0), y1 + 0.02 * (y1 - y0))
-    sx = lambda x: L + (W - L - R) * (x - x0) / (x1 - x0)
-    sy = lambda y: Tp + (H - Tp - Bt) * (1 - (y - y0) / (y1 - y0))
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
-           f'<rect width="{W}" height="{H}" fill="white"/>',
-           f'<rect x="{L}" y="{Tp}" width="{W - L - R}" height="{H - Tp - Bt}" fill="none" stroke="#888"/>']
-    for i in range(6):  # ticks
+    pad = 0.1 if y1 - y0 < 1e-6 else 0.02 * (y1 - y0)  # a flat curve still gets a visible band
+    y0, y1 = y0 - pad, y1 + pad
+    px = lambda x: left + (width - left - right) * (x - x0) / (x1 - x0)
+    # data -> pixel coordinates (SVG's y axis points down, hence the 1 - ...)
+    py = lambda y: top + (height - top - bottom) * (1 - (y - y0) / (y1 - y0))
+    plot_w, plot_h = width - left - right, height - top - bottom
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'font-family="sans-serif" font-size="11">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" '
+           f'stroke="#888"/>']
+    for i in range(6):  # six ticks on each axis, with light grid lines
         xv, yv = x0 + (x1 - x0) * i / 5, y0 + (y1 - y0) * i / 5
-        out.append(f'<text x="{sx(xv):.1f}" y="{H - Bt + 15}" text-anchor="middle">{xv:.3g}</text>')
-        out.append(f'<text x="{L - 5}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:.3g}</text>')
-        out.append(f'<line x1="{L}" x2="{W - R}" y1="{sy(yv):.1f}" y2="{sy(yv):.1f}" stroke="#eee"/>')
-    out.append(f'<text x="{(W + L) / 2}" y="{H - 8}" text-anchor="middle">tokens</text>')
-    out.append(f'<text x="14" y="{H / 2}" transform="rotate(-90 14 {H / 2})" text-anchor="middle">loss (nats/token)</text>')
-    for series, color, name, ly in ((train_pts, "#1f77b4", "train", 35), (val_pts, "#d62728", "val", 52)):
+        out.append(f'<text x="{px(xv):.1f}" y="{height - bottom + 15}" '
+                   f'text-anchor="middle">{xv:.3g}</text>')
+        out.append(f'<text x="{left - 5}" y="{py(yv) + 4:.1f}" text-anchor="end">{yv:.3g}</text>')
+        out.append(f'<line x1="{left}" x2="{width - right}" y1="{py(yv):.1f}" y2="{py(yv):.1f}" '
+                   f'stroke="#eee"/>')
+    out.append(f'<text x="{(width + left) / 2}" y="{height - 8}" '
+               f'text-anchor="middle">tokens</text>')
+    out.append(f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" '
+               f'text-anchor="middle">loss (nats/token)</text>')
+    curves = ((train_pts, "#1f77b4", "train", 35), (val_pts, "#d62728", "val", 52))
+    for series, color, name, label_y in curves:
+        # a skipped NaN step leaves a gap, not a spike
         good = [p for p in series if math.isfinite(p[1])]
         if good:
-            line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y, *_ in good)
-            out.append(f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="1.5"/>')
-            out.append(f'<text x="{W - R - 60}" y="{ly}" fill="{color}">{name}</text>')
+            line = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y, *_ in good)
+            out.append(f'<polyline points="{line}" fill="none" stroke="{color}" '
+                       f'stroke-width="1.5"/>')
+            out.append(f'<text x="{width - right - 60}" y="{label_y}" fill="{color}">{name}</text>')
     out.append("</svg>")
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(out))
-    os.replace(path + ".tmp", path)
+    write_text(path, "\n".join(out))
 
 
 def fmt_time(s: float) -> str:
-    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+    """Seconds as 4m05s (or 2h07m past an hour)."""
+    if s >= 3600:
+        return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
+    return f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
 @contextlib.contextmanager
@@ -698,391 +893,508 @@ def stop_on_signals(stop: dict):
             signal.signal(sig, handler)
 
 
-
 # -----------------------------------------------------------------------------
-# The training run
+# The run: its state, then its phases in the order the loop calls them
+
+# One dataclass holds the run; each phase is a function of it. Nothing reads a loop variable
+# from an enclosing scope, so each phase can be read, tested and reused on its own.
 
 
-def resolve_config(cfg: TrainConfig, device: torch.device) -> TrainConfig:
-    """Fill the fields left at their "device default" values; validate the choices."""
-    d = DEVICE_DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
-    unset = {f.name: f.default for f in fields(TrainConfig)}  # the declared defaults mean "device default"
-    explicit_muon = cfg.optimizer == "muon"
-    for key, value in d.items():
-        if getattr(cfg, key) == unset[key]:
-            setattr(cfg, key, value)
-    for key, allowed in (("sampling", ("random", "sequential")), ("optimizer", ("adamw", "muon")),
-                         ("schedule", ("cosine", "wsd")), ("compile", ("auto", "true", "false"))):
-        if getattr(cfg, key) not in allowed:
-            raise ValueError(f"--{key}={getattr(cfg, key)} is not one of {', '.join(allowed)}")
-    if cfg.batch_size < 1 or cfg.max_steps < 1 or cfg.learning_rate <= 0:
-        raise ValueError("--batch_size and --max_steps must be at least 1 and --learning_rate positive")
-    if cfg.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
-        if explicit_muon:
-            raise RuntimeError(f"--optimizer=muon needs torch.optim.Muon (torch >= 2.9); this is torch {torch.__version__}")
-        cfg.optimizer = "adamw"  # the CPU default asked for Muon, but this torch predates it
-    if cfg.schedule == "wsd" and not 0 < cfg.decay_frac <= 1:
-        raise ValueError(f"--decay_frac={cfg.decay_frac} must be in (0, 1]: the fraction of the steps spent decaying")
-    cfg.warmup_steps = min(cfg.warmup_steps, cfg.max_steps)
-    return cfg
+@dataclass
+class Run:
+    """Everything one training run holds. setup_run builds it; train_step, log_progress and
+    evaluate_and_save advance it; checkpoint_dict is the part that is saved. The phases take
+    the Run as an argument (never a closure over changing loop variables), so finetune.py can
+    build one with its own data and drive the same phases."""
+    cfg: TrainConfig
+    mcfg: GPTConfig
+    device: torch.device
+    dtype: torch.dtype
+    rank: int
+    world: int
+    raw: GPT  # the plain module: what is saved and sampled
+    optimizers: list  # AdamW, then Muon under --optimizer=muon
+    scaler: object  # a torch.amp.GradScaler under fp16, else None
+    micro_bs: int  # rows per micro-batch and process (halved after an out-of-memory error)
+    accum: int  # micro-batches per step and process
+    step_rows: int  # rows per optimizer step over all processes
+    total_tokens: int  # tokens per optimizer step over all processes
+    data_dir: str
+    meta: dict  # prepare.py's meta.json (the val split's tokens and bytes give bits per byte)
+    tok: Tokenizer
+    tok_path: str
+    train_data: TokenWindows
+    val_windows: np.ndarray  # (N, T+1): the fixed validation windows
+    log: object  # print on rank 0, a no-op elsewhere
+    model: torch.nn.Module = None  # raw, compiled and/or DDP-wrapped: what trains
+    eval_model: torch.nn.Module = None  # compiled but not DDP-wrapped: what evaluates
+    ctx: object = None  # the autocast context (a no-op for fp32)
+    wandb: object = None  # a wandb run under --wandb
+    # progress: saved in every checkpoint, restored by --resume
+    step: int = 0
+    tokens_seen: int = 0
+    best_val: float = float("inf")
+    best_step: int = -1  # the step best.pt holds
+    lr_scale: float = 1.0  # halved at each reload after non-finite steps
+    history: dict = field(default_factory=lambda: {"train": [], "val": []})  # for loss.svg
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # only its own checkpoints reload
+    elapsed_before: float = 0.0  # wall seconds of the earlier parts of a resumed run
+    # this process's counters, not saved
+    t_start: float = 0.0  # wall clock, set back by elapsed_before: the --max_minutes budget
+    train_time: float = 0.0  # seconds spent in steps: the clock of tokens/s, MFU and the ETA
+    logged: tuple = (0.0, 0)  # (train_time, tokens_seen) at the last progress line
+    step_times: list = field(default_factory=list)
+    bad_streak: int = 0  # non-finite steps in a row
+    bad_total: int = 0
+    reloads: int = 0
+    loss_ema: float = None  # running mean of the loss, to spot spikes
+    train_loss: float = float("nan")
+    grad_norm: float = float("nan")
+
+    @property
+    def master(self) -> bool:  # rank 0 logs and writes the files
+        return self.rank == 0
+
+    @property
+    def ckpt_path(self) -> str:
+        return os.path.join(self.cfg.out_dir, "ckpt.pt")
+
+    @property
+    def best_path(self) -> str:
+        return os.path.join(self.cfg.out_dir, "best.pt")
 
 
-def find_dataset(cfg: TrainConfig, is_master: bool) -> str:
-    """The dataset directory; runs prepare.py's pipeline in-process when a named dataset is missing."""
-    if os.path.isfile(os.path.join(cfg.dataset, "meta.json")):
-        return cfg.dataset
-    if os.path.isdir(cfg.dataset) and any(n.endswith(".bin") for n in os.listdir(cfg.dataset)):
-        return cfg.dataset  # a prepared folder that lost its meta.json: load_meta says so
-    path = os.path.join(cfg.data_dir, cfg.dataset)
-    if not os.path.isfile(os.path.join(path, "meta.json")):
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise FileNotFoundError(f"{path}/meta.json is missing; run `python prepare.py --dataset={cfg.dataset}` "
-                                    f"once before launching torchrun")
-        print(f"{path}/meta.json not found: preparing the {cfg.dataset} dataset first (python prepare.py "
-              f"--dataset={cfg.dataset})")
-        path = prepare(PrepareConfig(dataset=cfg.dataset, out_dir=cfg.data_dir))
-    return path
+def batch_geometry(cfg: TrainConfig, block_size: int, world: int) -> tuple[int, int, int, int]:
+    """(micro_bs, accum, step_rows, total_tokens): total_batch_size = micro_bs * block_size *
+    world * accum, so the same global batch is seen whatever the process count. Example: the
+    GPU default, 2**18 tokens of 1024-token rows in micro-batches of 32 on 8 GPUs, is
+    262144 / (32 * 1024 * 8) = 1 micro-batch per GPU; on one GPU it is 8."""
+    per_micro = cfg.batch_size * block_size * world
+    total_tokens = cfg.total_batch_size or per_micro
+    if total_tokens % per_micro:
+        raise ValueError(f"--total_batch_size={total_tokens} is not a multiple of batch_size*"
+                         f"block_size*world_size = {cfg.batch_size}*{block_size}*{world} = "
+                         f"{per_micro}; change one of them")
+    return cfg.batch_size, total_tokens // per_micro, total_tokens // block_size, total_tokens
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) one pretraining run; returns a summary dict (step, train_loss, val_loss, val_bpb, best_val_loss, ...)."""
-    rank, local_rank, world = setup_distributed()
-    master = rank == 0
-    log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)  # flushed: runs are often piped to a file
-    device, dtype, why = choose_device(cfg, local_rank)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
-        torch.backends.cudnn.allow_tf32 = True
-    cfg = resolve_config(TrainConfig(**asdict(cfg)), device)
-    if device.type == "cpu" and keep_freed_memory():
-        why += "; malloc keeps freed memory (fewer page faults)"
+def setup_run(cfg: TrainConfig) -> Run:
+    """Phase 1: device, data, model, optimizers, then the out_dir: cleared for a fresh run,
+    or the checkpoint loaded for --resume; finally the compile and DDP wrappers."""
+    rank, world, device, dtype, why = start_processes(cfg)
+    # only rank 0 prints, flushed at once: runs are often piped to a file or a scheduler's log
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    cfg = resolve_config(TrainConfig(**asdict(cfg)), device)  # a copy: the caller's stays as it was
     log(f"device: {device} ({why})")
-
-    # ---- data, tokenizer, and a check that they agree
-    data_dir = find_dataset(cfg, master)
-    meta = load_meta(data_dir)
-    tok_path = os.path.join(data_dir, meta.get("tokenizer_file", "tokenizer.bpe"))
-    if not os.path.exists(tok_path):
-        raise FileNotFoundError(f"{tok_path} is missing; re-run prepare.py for {data_dir} with --force")
-    if meta.get("tokenizer_sha256") and file_sha256(tok_path) != meta["tokenizer_sha256"]:
-        raise ValueError(f"{tok_path} is not the tokenizer that produced {data_dir}'s shards (sha256 differs); "
-                         f"re-run prepare.py with --force")
-    tok = Tokenizer.load(tok_path)
-    if tok.n_vocab != meta["vocab_size"]:
-        raise ValueError(f"{tok_path} has {tok.n_vocab} tokens but {data_dir}/meta.json says {meta['vocab_size']}; "
-                         f"re-run prepare.py with --force")
-
-    # ---- model (seeded so every process starts from the same weights)
+    # the data first: the model's vocabulary comes from the tokenizer the shards were written with
+    data_dir, meta, tok_path, tok = load_dataset(cfg)
     mcfg = resolve_model_config(cfg, tok.n_vocab)
     train_data = TokenWindows(data_dir, meta, "train", mcfg.block_size, cfg.seed, tok.n_vocab)
     val_data = TokenWindows(data_dir, meta, "val", mcfg.block_size, cfg.seed, tok.n_vocab)
     val_windows = val_data.fixed_windows(cfg.eval_batches * cfg.batch_size)
+    # subtle: seeded right before the weights are drawn, so every process starts from the same
+    # weights and a resumed run (whose weights are then overwritten) draws the same numbers
     torch.manual_seed(cfg.seed)
     raw = GPT(mcfg).to(device)
     raw.grad_checkpoint = cfg.grad_checkpoint
-
-    # ---- batch geometry: total_batch_size = micro_bs * block_size * world * accum
-    micro_bs = cfg.batch_size
-    per_micro = micro_bs * mcfg.block_size * world
-    total_tokens = cfg.total_batch_size or per_micro
-    if total_tokens % per_micro:
-        raise ValueError(f"--total_batch_size={total_tokens} is not a multiple of batch_size*block_size*world_size = "
-                         f"{micro_bs}*{mcfg.block_size}*{world} = {per_micro}; change one of them")
-    accum = total_tokens // per_micro
-    step_rows = total_tokens // mcfg.block_size  # rows per optimizer step over all processes
+    micro_bs, accum, step_rows, total_tokens = batch_geometry(cfg, mcfg.block_size, world)
     cfg.total_batch_size = total_tokens
-
-    # ---- outputs, resume
-    ckpt_path, best_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "best.pt")
-    if master:
-        try:
-            os.makedirs(cfg.out_dir, exist_ok=True)
-            with open(os.path.join(cfg.out_dir, ".write_test"), "w") as f:
-                f.write("ok")
-            os.remove(os.path.join(cfg.out_dir, ".write_test"))
-        except OSError as e:
-            raise RuntimeError(f"cannot write to --out_dir={cfg.out_dir} ({e.strerror}); pick a writable directory") from None
+    if rank == 0:
+        check_writable(cfg.out_dir)
     optimizers = build_optimizers(raw, cfg, device)
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    step, tokens_seen, best_val, lr_scale, history = 0, 0, float("inf"), 1.0, {"train": [], "val": []}
-    best_step, elapsed_before = -1, 0.0  # the step best.pt holds; wall seconds of earlier parts of this run
-    run_id = uuid.uuid4().hex  # names this run in its checkpoints: only its own are ever reloaded
-    if not cfg.resume and master:
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None  # fp16 only
+    run = Run(cfg, mcfg, device, dtype, rank, world, raw, optimizers, scaler, micro_bs, accum,
+              step_rows, total_tokens, data_dir, meta, tok, tok_path, train_data, val_windows, log)
+    # out_dir: a fresh run removes an earlier run's files before writing any of its own; a
+    # resumed one continues from ckpt.pt
+    if not cfg.resume and run.master:
         clear_previous_run(cfg.out_dir, log)
     if cfg.resume:
-        _, ck = load_checkpoint(ckpt_path)  # validates the file; weights are copied into `raw` below
-        if ck["model_config"] != asdict(mcfg):
-            diff = [f"{k}={ck['model_config'].get(k)} (now {v})" for k, v in asdict(mcfg).items() if ck["model_config"].get(k) != v]
-            raise ValueError(f"{ckpt_path} was trained with {', '.join(diff)}; pass the same model options to resume "
-                             f"or use a new --out_dir")
-        if ck["vocab_size"] != tok.n_vocab or ck.get("tokenizer_sha256", "") not in ("", file_sha256(tok_path)):
-            raise ValueError(f"{ckpt_path} was trained with another tokenizer than {tok_path}; resume on its dataset "
-                             f"({ck.get('dataset')}) or use a new --out_dir")
-        raw.load_state_dict(ck["model"])
-        opt_states = [ck["optimizer"]] + ([ck["optimizer_muon"]] if ck.get("optimizer_muon") else [])
-        if len(opt_states) != len(optimizers):
-            raise ValueError(f"{ckpt_path} was trained with --optimizer={ck['config']['optimizer']}; resume with it")
-        for opt, state in zip(optimizers, opt_states):
-            opt.load_state_dict(state)
-        if scaler is not None and ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        step, tokens_seen, best_val = ck["step"], ck["tokens_seen"], ck["best_val_loss"]
-        lr_scale, history = ck.get("lr_scale", 1.0), ck.get("history", history)
-        best_step, run_id = ck.get("best_step", -1), ck.get("run_id", "")
-        # the clock goes on where it stopped: --max_minutes is a budget for the whole run
-        elapsed_before = ck.get("elapsed", 0.0)
-        train_data.rows = ck["data_position"]["rows"]
-        set_rng_state(ck["rng"])
-        if master:
-            repair_after_crash(cfg.out_dir, step, best_step)
-        log(f"resumed {ckpt_path} at step {step} ({tokens_seen:,} tokens seen, {fmt_time(elapsed_before)} "
-            f"of training so far)")
-        del ck
+        resume_run(run)
     if world > 1:  # every process must agree on the run's name to check a reload against it
-        name = [run_id]
+        name = [run.run_id]
         dist.broadcast_object_list(name, src=0)
-        run_id = name[0]
-    if master:
+        run.run_id = name[0]
+    if run.master:
+        # out_dir holds all that sample.py needs: the tokenizer beside the checkpoints, and the
+        # resolved config (every device default filled in) to rerun the run exactly
         copy_durably(tok_path, os.path.join(cfg.out_dir, "tokenizer.bpe"))
-        with open(os.path.join(cfg.out_dir, "config.json.tmp"), "w") as f:
-            json.dump({"train": asdict(cfg), "model": asdict(mcfg)}, f, indent=1)
-        os.replace(os.path.join(cfg.out_dir, "config.json.tmp"), os.path.join(cfg.out_dir, "config.json"))
+        write_text(os.path.join(cfg.out_dir, "config.json"),
+                   json.dumps({"train": asdict(cfg), "model": asdict(mcfg)}, indent=1))
         if not cfg.resume:
             open(os.path.join(cfg.out_dir, "log.jsonl"), "w").close()
+    wrap_model(run)
+    print_plan(run)
+    return run
 
-    # ---- wrappers: compile (CUDA by default), then DDP; `raw` stays the plain module we save
-    model = raw
-    if cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda"):
-        log("compiling the model with torch.compile (the first steps are slow)")
-        model = torch.compile(raw)
-    eval_model = model
-    if world > 1:
+
+def check_writable(out_dir: str) -> None:
+    """Fail at once, not after the first eval_interval, when out_dir cannot be written."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise RuntimeError(f"cannot write to --out_dir={out_dir} ({e.strerror}); pick a writable "
+                           f"directory") from None
+
+
+def resume_run(run: Run) -> None:
+    """--resume: weights, optimizer and GradScaler states, progress, data position, RNG states and
+    the clock from out_dir/ckpt.pt, after checking that it belongs to this model and data."""
+    # load_checkpoint validates the file (weights_only, shapes); its weights go into run.raw,
+    # which the optimizers already point at, so their states load onto the right tensors
+    _, ck = load_checkpoint(run.ckpt_path)
+    path = run.ckpt_path
+    if ck["model_config"] != asdict(run.mcfg):
+        diff = [f"{k}={ck['model_config'].get(k)} (now {v})" for k, v in asdict(run.mcfg).items()
+                if ck["model_config"].get(k) != v]
+        raise ValueError(f"{path} was trained with {', '.join(diff)}; pass the same model options "
+                         f"to resume or use a new --out_dir")
+    same_tokenizer = ck.get("tokenizer_sha256", "") in ("", file_sha256(run.tok_path))
+    if ck["vocab_size"] != run.tok.n_vocab or not same_tokenizer:
+        raise ValueError(f"{path} was trained with another tokenizer than {run.tok_path}; "
+                         f"resume on its dataset ({ck.get('dataset')}) or use a new --out_dir")
+    run.raw.load_state_dict(ck["model"])
+    states = [ck["optimizer"]] + ([ck["optimizer_muon"]] if ck.get("optimizer_muon") else [])
+    if len(states) != len(run.optimizers):
+        raise ValueError(f"{path} was trained with --optimizer={ck['config']['optimizer']}; resume "
+                         f"with it")
+    for opt, state in zip(run.optimizers, states):
+        opt.load_state_dict(state)
+    if run.scaler is not None and ck.get("scaler"):
+        run.scaler.load_state_dict(ck["scaler"])
+    run.step, run.tokens_seen, run.best_val = ck["step"], ck["tokens_seen"], ck["best_val_loss"]
+    run.lr_scale, run.history = ck.get("lr_scale", 1.0), ck.get("history", run.history)
+    run.best_step, run.run_id = ck.get("best_step", -1), ck.get("run_id", "")
+    run.elapsed_before = ck.get("elapsed", 0.0)  # --max_minutes is a budget for the whole run
+    run.train_data.rows = ck["data_position"]["rows"]
+    set_rng_state(ck["rng"])  # the dropout masks of the next steps are those of a straight run
+    if run.master:
+        repair_after_crash(run.cfg.out_dir, run.step, run.best_step)
+    run.log(f"resumed {path} at step {run.step} ({run.tokens_seen:,} tokens seen, "
+            f"{fmt_time(run.elapsed_before)} of training so far)")
+
+
+def wrap_model(run: Run) -> None:
+    """torch.compile (CUDA by default), then DDP; run.raw stays the plain module that is saved,
+    so checkpoints never carry the "_orig_mod." or "module." prefixes the wrappers add.
+    DDP all-reduces the gradients during backward, bucket by bucket (Li et al. 2020)."""
+    run.model = run.raw
+    if run.cfg.compile == "true" or (run.cfg.compile == "auto" and run.device.type == "cuda"):
+        run.log("compiling the model with torch.compile (the first steps are slow)")
+        run.model = torch.compile(run.raw)
+    run.eval_model = run.model
+    if run.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    ctx = (torch.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
+        cuda = run.device.type == "cuda"
+        run.model = DDP(run.model, device_ids=[run.device.index] if cuda else None)
+    if run.dtype == torch.float32:
+        run.ctx = contextlib.nullcontext()
+    else:  # matmuls in bf16/fp16, reductions and the loss in fp32 (autocast's own op lists)
+        run.ctx = torch.autocast(device_type=run.device.type, dtype=run.dtype)
 
-    # ---- the printed plan: config, compute budget
-    n_params = raw.num_params(non_embedding=False)
-    flops_tok = raw.flops_per_token()
-    train_tokens = cfg.max_steps * total_tokens
-    log("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
-    log("model:  " + " ".join(f"{k}={v}" for k, v in asdict(mcfg).items()))
-    peak = peak_flops(device)
-    est = f"~{fmt_time(flops_tok * train_tokens / (0.4 * peak * world))} at 40% MFU" if peak else "measured after the first steps"
-    log(f"budget: {n_params / 1e6:.2f}M parameters, {flops_tok / 1e6:.1f} MFLOPs/token, {train_tokens:,} tokens to train "
-        f"({cfg.max_steps} steps x {total_tokens:,}), {flops_tok * train_tokens:.3g} FLOPs, {est}; "
-        f"{train_tokens / n_params:.1f} tokens/parameter (Chinchilla-optimal ~20)")
-    log(f"batch: {micro_bs} rows x {mcfg.block_size} tokens x {world} processes x {accum} accumulation = "
-        f"{total_tokens:,} tokens/step; train split {meta['splits']['train']['tokens']:,} tokens")
-    wb = None
-    if cfg.wandb and master:
+
+def print_plan(run: Run) -> None:
+    """The resolved config and the compute budget (FLOPs per token: PaLM, Chowdhery et al. 2022,
+    appendix B), before the first step; then open wandb if asked."""
+    cfg, raw = run.cfg, run.raw
+    n_params, flops_tok = raw.num_params(non_embedding=False), raw.flops_per_token()
+    train_tokens = cfg.max_steps * run.total_tokens
+    run.log("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
+    run.log("model:  " + " ".join(f"{k}={v}" for k, v in asdict(run.mcfg).items()))
+    # a time estimate at 40% MFU (model FLOPs utilisation, PaLM's measure) where the GPU's
+    # datasheet peak is known; elsewhere the step times give one after 5 steps
+    peak = peak_flops(run.device)
+    est = (f"~{fmt_time(flops_tok * train_tokens / (0.4 * peak * run.world))} at 40% MFU" if peak
+           else "measured after the first steps")
+    run.log(f"budget: {n_params / 1e6:.2f}M parameters, {flops_tok / 1e6:.1f} MFLOPs/token, "
+            f"{train_tokens:,} tokens to train ({cfg.max_steps} steps x {run.total_tokens:,}), "
+            f"{flops_tok * train_tokens:.3g} FLOPs, {est}; {train_tokens / n_params:.1f} "
+            f"tokens/parameter (Chinchilla-optimal ~20)")
+    run.log(f"batch: {run.micro_bs} rows x {run.mcfg.block_size} tokens x {run.world} processes x "
+            f"{run.accum} accumulation = {run.total_tokens:,} tokens/step; train split "
+            f"{run.meta['splits']['train']['tokens']:,} tokens")
+    if cfg.wandb and run.master:
         try:
             import wandb
         except ImportError:
-            raise RuntimeError("--wandb needs the wandb package; `pip install wandb` or drop --wandb") from None
-        wb = wandb.init(project=cfg.wandb_project, config={**asdict(cfg), **asdict(mcfg)})
+            raise RuntimeError("--wandb needs the wandb package; `pip install wandb` or drop "
+                               "--wandb") from None
+        everything = {**asdict(cfg), **asdict(run.mcfg)}
+        run.wandb = wandb.init(project=cfg.wandb_project, config=everything)
 
-    def checkpoint(path: str) -> None:
-        ck = {"model": raw.state_dict(), "model_config": asdict(mcfg), "config": asdict(cfg),
-              "optimizer": optimizers[0].state_dict(), "optimizer_muon": optimizers[1].state_dict() if len(optimizers) > 1 else None,
-              "step": step, "tokens_seen": tokens_seen, "data_position": {"rows": train_data.rows, "sampling": cfg.sampling},
-              "rng": rng_state(), "best_val_loss": best_val, "tokenizer": "tokenizer.bpe",
-              "tokenizer_sha256": file_sha256(tok_path), "vocab_size": tok.n_vocab, "dataset": data_dir,
-              "lr_scale": lr_scale, "history": history, "scaler": scaler.state_dict() if scaler else None,
-              "run_id": run_id, "best_step": best_step, "elapsed": time.time() - t_start}
-        save_checkpoint(path, ck)
 
-    def save_run(improved: bool) -> None:
-        """ckpt.pt, then best.pt when this evaluation is the best so far, then the loss plot."""
-        checkpoint(ckpt_path)
+def check_stop(run: Run, stop: dict) -> tuple[str | None, float]:
+    """Phase 2, before each step: (why the run stops now or None, the fraction of --max_minutes
+    spent). Under DDP all processes take the largest clock and any signal, so they stop together."""
+    # checked between steps, never inside one: a step is all or nothing, so a stop always
+    # leaves a state that a checkpoint can hold exactly
+    elapsed, signalled = time.time() - run.t_start, stop["signal"] is not None
+    # subtle: every rank must stop at the same step and use the same clock for the lr
+    if run.world > 1:
+        flags = torch.tensor([elapsed, float(signalled)], dtype=torch.float64, device=run.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        elapsed, signalled = flags[0].item(), flags[1].item() > 0
+    if signalled:
+        return f"got {stop['signal'] or 'a signal on another rank'}", 0.0
+    if run.cfg.max_minutes and elapsed >= run.cfg.max_minutes * 60:
+        return f"reached max_minutes={run.cfg.max_minutes}", 0.0
+    return None, (elapsed / (run.cfg.max_minutes * 60) if run.cfg.max_minutes else 0.0)
+
+
+def pretraining_batches(run: Run):
+    """batch_fn for this step: rows [lo, hi) of this process's share of the step's global batch."""
+    # the step's first row (a fixed value now: the closure below never sees it change), and
+    # where this process's share of the step's rows begins
+    first, mine = run.train_data.rows, run.rank * run.micro_bs * run.accum
+
+    def batch_fn(lo, hi):
+        rows = run.train_data.rows_at(first, mine + lo, mine + hi, run.step_rows, run.cfg.sampling)
+        return to_device(rows, run.device)
+    return batch_fn
+
+
+def train_step(run: Run, time_frac: float = 0.0, batch_fn=None) -> None:
+    """Phase 3: one optimizer step. Set the lr, accumulate the gradients of the step's batch
+    (pretraining_batches unless batch_fn is given), clip, and apply them unless the loss or the
+    gradients are not finite; reload the last checkpoint after max_bad_steps such steps."""
+    cfg = run.cfg
+    # the schedule is applied to each group's own peak (AdamW's and Muon's may differ)
+    for opt in run.optimizers:
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * lr_factor(run.step, cfg, time_frac) * run.lr_scale
+    t0 = time.time()
+    loss = gradients_with_oom_fallback(run, batch_fn or pretraining_batches(run))
+    if run.world > 1:  # SUM then divide: gloo has ReduceOp.AVG only from torch 2.8
+        dist.all_reduce(loss, op=dist.ReduceOp.SUM)
+        loss /= run.world
+    if run.scaler is not None:  # clip the true gradients, not the scaled ones
+        for opt in run.optimizers:
+            run.scaler.unscale_(opt)
+    clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(run.raw.parameters(), clip)  # logged before clipping
+    run.train_loss, run.grad_norm = loss.item(), norm.item()
+    # A non-finite loss, or a non-finite gradient without a GradScaler, is a bad step: no update
+    # at all (Adam's moments would be poisoned). With a GradScaler (fp16), non-finite gradients
+    # under a finite loss are an overflow of the loss scale: scaler.step skips the update and
+    # scaler.update halves the scale (Micikevicius et al. 2018), which is routine, not divergence.
+    if math.isfinite(run.train_loss) and (math.isfinite(run.grad_norm) or run.scaler is not None):
+        for opt in run.optimizers:
+            run.scaler.step(opt) if run.scaler is not None else opt.step()
+        run.bad_streak = 0
+    else:
+        run.bad_streak, run.bad_total = run.bad_streak + 1, run.bad_total + 1
+        run.log(f"step {run.step}: non-finite loss {run.train_loss} / grad norm {run.grad_norm}; "
+                f"step skipped ({run.bad_total} so far)")
+    if run.scaler is not None:
+        run.scaler.update()
+    # set_to_none frees the gradient memory until the next backward writes it afresh
+    for opt in run.optimizers:
+        opt.zero_grad(set_to_none=True)
+    # the step counts even when it was skipped: its batch is not retried (the same rows would
+    # likely fail again), and the data position stays a pure function of the step
+    run.train_data.rows += run.step_rows
+    run.step += 1
+    run.tokens_seen += run.total_tokens
+    if run.bad_streak >= cfg.max_bad_steps:
+        reload_after_divergence(run)
+    dt = time.time() - t0
+    run.step_times.append(dt)
+    run.train_time += dt
+    loss, ema = run.train_loss, run.loss_ema
+    if math.isfinite(loss):  # a spike is logged, not acted on: the non-finite guard is the stop
+        if ema is not None and run.step > 10 and loss > cfg.spike_factor * ema:
+            run.log(f"step {run.step}: loss spike {loss:.3f} vs running mean {ema:.3f}")
+        run.loss_ema = loss if ema is None else 0.95 * ema + 0.05 * loss
+
+
+def gradients_with_oom_fallback(run: Run, batch_fn) -> torch.Tensor:
+    """accumulate_gradients; after a CUDA out-of-memory error, halve the micro-batch, double the
+    accumulation (the global batch stays the same) and run the step again."""
+    while True:
+        try:
+            return accumulate_gradients(run.model, batch_fn, run.micro_bs, run.accum, run.ctx,
+                                        run.scaler, nan=run.step in FAULTS["nan_steps"])
+        except RuntimeError as e:
+            if not _is_oom(e):
+                raise
+        # subtle: only here, outside the except block, are the exception and its traceback
+        # gone; their frames hold the failed step's activations, which must go first
+        free_failed_step(run.optimizers, run.device)
+        smaller = smaller_micro_batch(run.micro_bs)
+        if run.world > 1 or not smaller:
+            raise RuntimeError(f"out of memory with micro-batch {run.micro_bs}" + (
+                " under DDP (ranks cannot shrink independently)" if run.world > 1 else "") +
+                "; lower --batch_size or --block_size, or use --grad_checkpoint")
+        run.accum, run.micro_bs = run.accum * run.micro_bs // smaller, smaller
+        run.log(f"out of memory at step {run.step}: micro-batch now {run.micro_bs} rows x "
+                f"{run.accum} accumulation (global batch unchanged)")
+
+
+def reload_after_divergence(run: Run) -> None:
+    """max_bad_steps non-finite steps in a row: go back to this run's last checkpoint with half
+    the learning rate (at most 3 times); the data position moves on, past the bad batches.
+    A run that diverges once at a given lr usually does again from the same weights, so the
+    lr is what changes; the last resort, a clear stop, names the two flags to try."""
+    if run.reloads >= 3 or not os.path.exists(run.ckpt_path):
+        why = " and no checkpoint to return to" if run.reloads < 3 else " after 3 reloads"
+        raise RuntimeError(f"training diverged: {run.bad_streak} non-finite steps in a row at step "
+                           f"{run.step}{why}; lower --learning_rate or raise --warmup_steps")
+    _, ck = load_checkpoint(run.ckpt_path)
+    if ck.get("run_id", "") != run.run_id or ck["model_config"] != asdict(run.mcfg):
+        raise RuntimeError(f"training diverged at step {run.step} and {run.ckpt_path} was not "
+                           f"written by this run, so it is not reloaded; lower --learning_rate or "
+                           f"raise --warmup_steps and start again")
+    run.raw.load_state_dict(ck["model"])
+    run.optimizers[0].load_state_dict(ck["optimizer"])
+    if len(run.optimizers) > 1:
+        run.optimizers[1].load_state_dict(ck["optimizer_muon"])
+    run.lr_scale, run.bad_streak, run.reloads = run.lr_scale * 0.5, 0, run.reloads + 1
+    run.log(f"reloaded {run.ckpt_path} (step {ck['step']}) with the learning rate scaled by "
+            f"{run.lr_scale}")
+
+
+def log_progress(run: Run, last_step: int) -> None:
+    """Phase 4: a console line and a log.jsonl row. Rates are over the steps since the last line,
+    on the training clock: evaluation, sampling and checkpoint writes in between do not count."""
+    cfg = run.cfg
+    tps = (run.tokens_seen - run.logged[1]) / max(run.train_time - run.logged[0], 1e-9)
+    run.logged = (run.train_time, run.tokens_seen)
+    mfu = run.raw.estimate_mfu(tps / run.world, run.device)  # per GPU, against its datasheet peak
+    elapsed = time.time() - run.t_start
+    # the ETA: the steps left at the mean of the last 10 step times (the first steps, slow
+    # with compilation and cold caches, soon drop out of it), capped by the time budget
+    recent = run.step_times[-10:]
+    eta = (last_step - run.step) * sum(recent) / len(recent)
+    if cfg.max_minutes:
+        eta = min(eta, max(0.0, cfg.max_minutes * 60 - elapsed))
+    lr = run.optimizers[0].param_groups[0]["lr"]
+    mfu_text = f" | mfu {100 * mfu:.1f}%" if mfu else ""  # only where the GPU's peak is known
+    run.log(f"step {run.step}/{cfg.max_steps} | loss {run.train_loss:.4f} | lr {lr:.2e} | "
+            f"norm {run.grad_norm:.3f} | {tps:,.0f} tok/s" + mfu_text
+            + f" | {fmt_time(elapsed)} elapsed, eta {fmt_time(eta)}")
+    run.history["train"].append([run.tokens_seen, run.train_loss])
+    if run.master:
+        append_log(cfg.out_dir, {"step": run.step, "tokens": run.tokens_seen,
+                                 "loss": run.train_loss, "norm": run.grad_norm, "lr": lr,
+                                 "tok_per_s": tps, "mfu": mfu, "time": elapsed,
+                                 "train_time": run.train_time, "skipped": run.bad_total})
+    if run.wandb:
+        run.wandb.log({"train/loss": run.train_loss, "lr": lr, "grad_norm": run.grad_norm},
+                      step=run.step)
+
+
+def evaluate_and_save(run: Run) -> None:
+    """Phase 5: validation loss and bits per byte on the fixed windows (all processes), then on
+    rank 0 a log row, a sample, ckpt.pt, best.pt when this is the best evaluation, and loss.svg."""
+    # eval_model: compiled but never DDP-wrapped, since evaluation has no gradients to sync
+    loss, _ = evaluate_windows(run.eval_model, run.val_windows, run.micro_bs, run.device, run.ctx,
+                               run.rank, run.world)
+    val = run.meta["splits"]["val"]
+    bpb = bits_per_byte(loss, val["tokens"], val["bytes"])
+    run.history["val"].append([run.tokens_seen, loss, bpb])
+    improved = loss < run.best_val
+    if improved:
+        run.best_val, run.best_step = loss, run.step
+    run.log(f"eval step {run.step}: val loss {loss:.4f}, {bpb:.4f} bits/byte"
+            + (" (best)" if improved else "") + f" | {fmt_time(time.time() - run.t_start)}")
+    if run.master:
+        append_log(run.cfg.out_dir, {"step": run.step, "tokens": run.tokens_seen, "val_loss": loss,
+                                     "val_bpb": bpb, "time": time.time() - run.t_start})
+        if run.cfg.sample_tokens:
+            run.log("sample: " + repr(sample_text(run)[:300]))
+        save_checkpoint(run.ckpt_path, checkpoint_dict(run))
         if improved:
-            copy_durably(ckpt_path, best_path)
-        write_loss_svg(os.path.join(cfg.out_dir, "loss.svg"), history["train"], history["val"])
+            # after ckpt.pt, so a kill in between leaves best.pt behind, which resume_run repairs
+            copy_durably(run.ckpt_path, run.best_path)
+        svg = os.path.join(run.cfg.out_dir, "loss.svg")
+        write_loss_svg(svg, run.history["train"], run.history["val"])
+    if run.wandb:
+        run.wandb.log({"val/loss": loss, "val/bpb": bpb}, step=run.step)
 
-    def evaluate() -> tuple[float, float]:
-        loss, _ = evaluate_windows(eval_model, val_windows, micro_bs, device, ctx, rank, world)
-        return loss, bits_per_byte(loss, meta["splits"]["val"]["tokens"], meta["splits"]["val"]["bytes"])
 
-    def sample_text() -> str:
-        g = torch.Generator(device=device).manual_seed(cfg.seed)  # its own generator: training RNG untouched
-        idx = torch.tensor([[tok.eot_id]], device=device)
-        with ctx:
-            out = raw.generate(idx, cfg.sample_tokens, temperature=0.8, top_k=50, generator=g, vocab_limit=tok.n_vocab)
-        raw.train()
-        return tok.decode(out[0, 1:].tolist())
+def sample_text(run: Run) -> str:
+    """A short sample from <|endoftext|>, with a generator of its own: the training RNG is
+    untouched, so a run with samples and one without train the same weights."""
+    g = torch.Generator(device=run.device).manual_seed(run.cfg.seed)
+    idx = torch.tensor([[run.tok.eot_id]], device=run.device)
+    with run.ctx:
+        out = run.raw.generate(idx, run.cfg.sample_tokens, temperature=0.8, top_k=50, generator=g,
+                               vocab_limit=run.tok.n_vocab)
+    run.raw.train()
+    return run.tok.decode(out[0, 1:].tolist())
 
-    # ---- the loop; SIGINT/SIGTERM finish the current step, evaluate, save and exit cleanly
+
+def checkpoint_dict(run: Run) -> dict:
+    """What ckpt.pt holds: the unwrapped weights, every state needed to continue exactly, and
+    plain values only (STYLE rule 9), so it loads with weights_only=True."""
+    # Three groups: what the model is (weights, configs); how to go on exactly (optimizer and
+    # GradScaler states, step, RNG, data position, best-so-far, clock, run id); and what it needs
+    # to be used (the tokenizer's name and sha256, the vocabulary, the dataset).
+    opt = run.optimizers
+    return {"model": run.raw.state_dict(), "model_config": asdict(run.mcfg),
+            "config": asdict(run.cfg),
+            "optimizer": opt[0].state_dict(),
+            "optimizer_muon": opt[1].state_dict() if len(opt) > 1 else None,
+            "scaler": run.scaler.state_dict() if run.scaler else None,
+            "step": run.step, "tokens_seen": run.tokens_seen, "rng": rng_state(),
+            "data_position": {"rows": run.train_data.rows, "sampling": run.cfg.sampling},
+            "best_val_loss": run.best_val, "best_step": run.best_step, "lr_scale": run.lr_scale,
+            "history": run.history, "run_id": run.run_id, "elapsed": time.time() - run.t_start,
+            "tokenizer": "tokenizer.bpe", "tokenizer_sha256": file_sha256(run.tok_path),
+            "vocab_size": run.tok.n_vocab, "dataset": run.data_dir}
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) one pretraining run; returns a summary dict (step, train_loss, val_loss,
+    val_bpb, best_val_loss, ...). SIGINT/SIGTERM finish the current step, evaluate, save, return.
+    Whatever ends the run (max_steps, stop_step, max_minutes, a signal), the last state is
+    evaluated and saved, so ckpt.pt and best.pt always describe where training stopped."""
+    run = setup_run(cfg)
+    cfg = run.cfg  # resolved: the device defaults filled in
+    last_step = min(cfg.max_steps, cfg.stop_step or cfg.max_steps)
+    reason = "reached max_steps" if last_step == cfg.max_steps else f"reached stop_step={last_step}"
     stop = {"signal": None}
     with stop_on_signals(stop):
-        # two clocks: the wall clock (t_start, set back by the earlier parts of a resumed run) is
-        # the --max_minutes budget; train_time counts only the steps, for tokens/s, MFU and the ETA
-        t_start = time.time() - elapsed_before
-        train_time, logged = 0.0, (0.0, tokens_seen)  # (train_time, tokens_seen) at the last log line
-        step_times, bad_streak, bad_total, reloads, ema = [], 0, 0, 0, None
-        train_loss = val_loss = val_bpb = float("nan")
-        last_step = min(cfg.max_steps, cfg.stop_step or cfg.max_steps)
-        raw.train()
-        reason = "reached max_steps" if last_step == cfg.max_steps else f"reached stop_step={last_step}"
-        while step < last_step:
-            elapsed, signalled = time.time() - t_start, stop["signal"] is not None
-            if world > 1:  # subtle: every rank must stop at the same step and use the same clock for the lr
-                flags = torch.tensor([elapsed, float(signalled)], dtype=torch.float64, device=device)
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                elapsed, signalled = flags[0].item(), flags[1].item() > 0
-            if signalled:
-                reason = f"got {stop['signal'] or 'a signal on another rank'}"
+        run.t_start = time.time() - run.elapsed_before
+        run.logged = (0.0, run.tokens_seen)  # rates count from here, also after a resume
+        run.raw.train()  # dropout on (evaluation switches it off and back)
+        # The loop: check for a stop, one optimizer step, then the periodic log line and
+        # evaluation. Everything else lives in the phases above.
+        while run.step < last_step:
+            stop_reason, time_frac = check_stop(run, stop)
+            if stop_reason:
+                reason = stop_reason
                 break
-            if cfg.max_minutes and elapsed >= cfg.max_minutes * 60:
-                reason = f"reached max_minutes={cfg.max_minutes}"
-                break
-            time_frac = elapsed / (cfg.max_minutes * 60) if cfg.max_minutes else 0.0
-            lr_mult = lr_factor(step, cfg, time_frac) * lr_scale
-            for opt in optimizers:
-                for g in opt.param_groups:
-                    g["lr"] = g["base_lr"] * lr_mult
-            t0 = time.time()
-            first = train_data.rows
-            me = rank * micro_bs * accum  # this process's rows within the step: [me, me + micro_bs*accum)
-
-            def batch_fn(lo, hi):
-                return to_device(train_data.rows_at(first, me + lo, me + hi, step_rows, cfg.sampling), device)
-
-            while True:  # retried with a smaller micro-batch after an out-of-memory error
-                try:
-                    loss = accumulate_gradients(model, batch_fn, micro_bs, accum, ctx, scaler, nan=step in FAULTS["nan_steps"])
-                    break
-                except RuntimeError as e:
-                    if not _is_oom(e):
-                        raise
-                # subtle: only here, outside the except block, are the exception and its traceback
-                # gone; their frames hold the failed step's activations, which must go first
-                free_failed_step(optimizers, device)
-                smaller = smaller_micro_batch(micro_bs)
-                if world > 1 or not smaller:
-                    raise RuntimeError(f"out of memory with micro-batch {micro_bs}" + (" under DDP (ranks cannot shrink "
-                                       "independently)" if world > 1 else "") + "; lower --batch_size or --block_size, "
-                                       "or use --grad_checkpoint")
-                accum, micro_bs = accum * micro_bs // smaller, smaller
-                log(f"out of memory at step {step}: micro-batch now {micro_bs} rows x {accum} accumulation "
-                    f"(global batch unchanged)")
-            if world > 1:  # SUM then divide: gloo has ReduceOp.AVG only from torch 2.8
-                dist.all_reduce(loss, op=dist.ReduceOp.SUM)
-                loss /= world
-            if scaler is not None:
-                for opt in optimizers:
-                    scaler.unscale_(opt)
-            norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            train_loss, norm = loss.item(), norm.item()
-            # A non-finite loss, or a non-finite gradient without a GradScaler, is a bad step: no update
-            # at all (Adam's moments would be poisoned). With a GradScaler (fp16), non-finite gradients
-            # under a finite loss are an overflow of the loss scale: scaler.step skips the update and
-            # scaler.update halves the scale (Micikevicius et al. 2018), which is routine, not divergence.
-            if math.isfinite(train_loss) and (math.isfinite(norm) or scaler is not None):
-                for opt in optimizers:
-                    scaler.step(opt) if scaler is not None else opt.step()
-                bad_streak = 0
-            else:
-                bad_streak, bad_total = bad_streak + 1, bad_total + 1
-                log(f"step {step}: non-finite loss {train_loss} / grad norm {norm}; step skipped ({bad_total} so far)")
-            if scaler is not None:
-                scaler.update()
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            train_data.rows += step_rows
-            step += 1
-            tokens_seen += total_tokens
-            if bad_streak >= cfg.max_bad_steps:
-                if reloads >= 3 or not os.path.exists(ckpt_path):
-                    raise RuntimeError(f"training diverged: {bad_streak} non-finite steps in a row at step {step}"
-                                       f"{' and no checkpoint to return to' if reloads < 3 else ' after 3 reloads'}; "
-                                       f"lower --learning_rate or raise --warmup_steps")
-                _, ck = load_checkpoint(ckpt_path)
-                if ck.get("run_id", "") != run_id or ck["model_config"] != asdict(mcfg):
-                    raise RuntimeError(f"training diverged at step {step} and {ckpt_path} was not written by this run, "
-                                       f"so it is not reloaded; lower --learning_rate or raise --warmup_steps and "
-                                       f"start again")
-                raw.load_state_dict(ck["model"])
-                optimizers[0].load_state_dict(ck["optimizer"])
-                if len(optimizers) > 1:
-                    optimizers[1].load_state_dict(ck["optimizer_muon"])
-                lr_scale, bad_streak, reloads = lr_scale * 0.5, 0, reloads + 1
-                log(f"reloaded {ckpt_path} (step {ck['step']}) with the learning rate scaled by {lr_scale}")
-                del ck
-            dt = time.time() - t0
-            step_times.append(dt)
-            train_time += dt
-            if math.isfinite(train_loss):
-                if ema is not None and step > 10 and train_loss > cfg.spike_factor * ema:
-                    log(f"step {step}: loss spike {train_loss:.3f} vs running mean {ema:.3f}")
-                ema = train_loss if ema is None else 0.95 * ema + 0.05 * train_loss
-            if len(step_times) == 5 and step < last_step:  # a refined wall-time estimate once warmed up
-                med = sorted(step_times[1:])[2]
-                left = med * (last_step - step)
+            train_step(run, time_frac)
+            if len(run.step_times) == 5 and run.step < last_step:  # warmed up: a better estimate
+                median = sorted(run.step_times[1:])[2]
+                left = median * (last_step - run.step)
                 if cfg.max_minutes:
-                    left = min(left, cfg.max_minutes * 60 - (time.time() - t_start))
-                log(f"estimated wall time: {fmt_time(left)} more (median step {1000 * med:.0f} ms)")
-
-            # ---- log, evaluate, checkpoint
-            is_last = step == last_step
-            if step % cfg.log_interval == 0 or is_last or step == 1:
-                # rates over the steps since the last line, on the training clock: evaluation,
-                # sampling and checkpoint writes in between do not count as training time
-                tps = (tokens_seen - logged[1]) / max(train_time - logged[0], 1e-9)
-                logged = (train_time, tokens_seen)
-                mfu = raw.estimate_mfu(tps / world, device)
-                elapsed = time.time() - t_start
-                eta = (last_step - step) * sum(step_times[-10:]) / len(step_times[-10:])
-                if cfg.max_minutes:
-                    eta = min(eta, max(0.0, cfg.max_minutes * 60 - elapsed))
-                log(f"step {step}/{cfg.max_steps} | loss {train_loss:.4f} | lr {optimizers[0].param_groups[0]['lr']:.2e} | "
-                    f"norm {norm:.3f} | {tps:,.0f} tok/s" + (f" | mfu {100 * mfu:.1f}%" if mfu else "") +
-                    f" | {fmt_time(elapsed)} elapsed, eta {fmt_time(eta)}")
-                history["train"].append([tokens_seen, train_loss])
-                if master:
-                    with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
-                        f.write(json.dumps({"step": step, "tokens": tokens_seen, "loss": train_loss, "norm": norm,
-                                            "lr": optimizers[0].param_groups[0]["lr"], "tok_per_s": tps,
-                                            "mfu": mfu, "time": elapsed, "train_time": train_time,
-                                            "skipped": bad_total}) + "\n")
-                if wb:
-                    wb.log({"train/loss": train_loss, "lr": optimizers[0].param_groups[0]["lr"], "grad_norm": norm}, step=step)
-            if step % cfg.eval_interval == 0 or is_last:  # a stop between evals is evaluated after the loop
-                val_loss, val_bpb = evaluate()
-                history["val"].append([tokens_seen, val_loss, val_bpb])
-                improved = val_loss < best_val
-                best_val = min(best_val, val_loss)
-                best_step = step if improved else best_step
-                log(f"eval step {step}: val loss {val_loss:.4f}, {val_bpb:.4f} bits/byte" + (" (best)" if improved else "")
-                    + f" | {fmt_time(time.time() - t_start)}")
-                if master:
-                    with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
-                        f.write(json.dumps({"step": step, "tokens": tokens_seen, "val_loss": val_loss, "val_bpb": val_bpb,
-                                            "time": time.time() - t_start}) + "\n")
-                    if cfg.sample_tokens:
-                        log("sample: " + repr(sample_text()[:300]))
-                    save_run(improved)
-                if wb:
-                    wb.log({"val/loss": val_loss, "val/bpb": val_bpb}, step=step)
-        if history["val"] and history["val"][-1][0] == tokens_seen:  # the last step was evaluated (or resumed at the end)
-            val_loss, val_bpb = history["val"][-1][1], history["val"][-1][2]
-        else:  # stopped between evaluations: measure and save where we are, best.pt too if it is the best
-            val_loss, val_bpb = evaluate()
-            history["val"].append([tokens_seen, val_loss, val_bpb])
-            improved = val_loss < best_val
-            best_val = min(best_val, val_loss)
-            best_step = step if improved else best_step
-            log(f"eval step {step}: val loss {val_loss:.4f}, {val_bpb:.4f} bits/byte" + (" (best)" if improved else ""))
-            if master:
-                save_run(improved)
-        log(f"done: {reason} at step {step}; val loss {val_loss:.4f}, {val_bpb:.4f} bits/byte, best {best_val:.4f}; "
-            f"{fmt_time(time.time() - t_start)}; checkpoint in {ckpt_path}")
-        if wb:
-            wb.finish()
-        return {"step": step, "train_loss": train_loss, "val_loss": val_loss, "val_bpb": val_bpb, "best_val_loss": best_val,
-                "tokens_seen": tokens_seen, "skipped_steps": bad_total, "batch_size": micro_bs, "grad_accum": accum,
-                "time_s": time.time() - t_start, "stop_reason": reason, "out_dir": cfg.out_dir}
+                    left = min(left, cfg.max_minutes * 60 - (time.time() - run.t_start))
+                run.log(f"estimated wall time: {fmt_time(left)} more (median step "
+                        f"{1000 * median:.0f} ms)")
+            is_last = run.step == last_step
+            if run.step % cfg.log_interval == 0 or is_last or run.step == 1:
+                log_progress(run, last_step)
+            if run.step % cfg.eval_interval == 0 or is_last:
+                evaluate_and_save(run)
+        if not run.history["val"] or run.history["val"][-1][0] != run.tokens_seen:
+            evaluate_and_save(run)  # stopped between evaluations: measure and save where we are
+    _, val_loss, val_bpb = run.history["val"][-1]
+    run.log(f"done: {reason} at step {run.step}; val loss {val_loss:.4f}, {val_bpb:.4f} bits/byte, "
+            f"best {run.best_val:.4f}; {fmt_time(time.time() - run.t_start)}; checkpoint in "
+            f"{run.ckpt_path}")
+    if run.wandb:
+        run.wandb.finish()
+    return {"step": run.step, "train_loss": run.train_loss, "val_loss": val_loss,
+            "val_bpb": val_bpb, "best_val_loss": run.best_val, "tokens_seen": run.tokens_seen,
+            "skipped_steps": run.bad_total, "batch_size": run.micro_bs, "grad_accum": run.accum,
+            "time_s": time.time() - run.t_start,
+            "stop_reason": reason, "out_dir": cfg.out_dir}
 
 
 # -----------------------------------------------------------------------------
