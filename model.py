@@ -5,9 +5,10 @@ One decoder-only transformer that covers two families through its config:
   GPT-2 style:  LayerNorm, GELU MLP, learned position embeddings, biases, tied head
   Llama style:  RMSNorm, SwiGLU MLP, rotary position embeddings (RoPE), grouped-query
                 attention (GQA), no biases, tied or untied head
-plus a preallocated KV cache for generation, the FLOP and MFU accounting that train.py
-and bench.py report, and import/export of Hugging Face checkpoints (GPT2LMHeadModel,
-LlamaForCausalLM), so weights come in from and go out to the wider ecosystem.
+plus a preallocated KV cache and the one decoding loop (GPT.generate_stream, which sample.py
+and train.py build on), the FLOP and MFU accounting that train.py and bench.py report, and
+import/export of Hugging Face checkpoints (GPT2LMHeadModel, LlamaForCausalLM), so weights
+come in from and go out to the wider ecosystem.
 
 Run:
   python model.py                  # sizing table: parameters and FLOPs/token of every preset
@@ -18,7 +19,13 @@ Use:
   model = GPT(GPTConfig(**PRESETS["gpt2"]))
   logits, loss = model(idx, targets)                    # idx, targets: (B, T) LongTensor
   out = model.generate(idx, max_new_tokens=50, temperature=0.8, top_k=50)
+  for column in model.generate_stream(idx, 50, temperature=0):  # (B, 1) ids, step by step
+      print(column[:, 0].tolist())
   model = GPT.from_pretrained("path/to/hf_dir"); model.save_hf("out/hf")
+
+Shapes, in every comment: B batch, T time (tokens), C channels (n_embd), nh query heads,
+nkv key/value heads, hs head size (C // nh), V vocabulary; S = start_pos + T is the number
+of keys a query can see once a KV cache holds earlier positions.
 
 Imports only torch (safetensors lazily, when a checkpoint uses it), so it can be copied
 alone into another project.
@@ -30,8 +37,9 @@ Sources (facts and formulas, not code):
   RMSNorm: Zhang & Sennrich 2019; SwiGLU: Shazeer 2020, "GLU Variants Improve Transformer"
   GQA: Ainslie et al. 2023; MQA: Shazeer 2019, "Fast Transformer Decoding"
   Llama: Touvron et al. 2023; FLOPs: PaLM (Chowdhery et al. 2022) appendix B
+  Sampling: Holtzman et al. 2019, "The Curious Case of Neural Text Degeneration" (top-p)
   nanoGPT and llm.c (Karpathy) for the GPT-2 layout and parameter names;
-  gpt-fast (PyTorch) for the KV-cache shape and meta-device loading.
+  gpt-fast (PyTorch) for the KV-cache shape, prefill + decode steps and meta-device loading.
 """
 
 import json
@@ -52,12 +60,14 @@ _SDPA_HAS_GQA = _TORCH_VERSION >= (2, 5)
 # ----------------------------------------------------------------------------------------
 # Configuration
 
-_LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+# the keys of a Llama 3.1 "llama3" rope_scaling block in config.json (used by rope_tables)
+_LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
+                        "original_max_position_embeddings")
 
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 50304  # token ids 0..V-1; 50257 for GPT-2, padded to a multiple of 64 for speed
+    vocab_size: int = 50304  # ids 0..V-1; 50257 for GPT-2, padded to a multiple of 64 for speed
     block_size: int = 1024  # longest context in tokens (size of wpe / of the RoPE tables)
     n_layer: int = 12  # number of transformer blocks
     n_head: int = 12  # query heads; head size hs = n_embd // n_head
@@ -68,14 +78,17 @@ class GPTConfig:
     mlp_hidden: int = 0  # MLP hidden size; 0 means the rule in mlp_hidden_size()
     pos: str = "learned"  # "learned" absolute embeddings (GPT-2) or "rope" rotary (Llama)
     rope_theta: float = 10000.0  # RoPE base; Llama 3 uses 500000
-    rope_scaling: dict | None = None  # Llama 3.1+ "llama3" RoPE scaling: {factor, low_freq_factor,
-    #   high_freq_factor, original_max_position_embeddings}, as in its config.json; None = plain RoPE
+    rope_scaling: dict | None = None  # Llama 3.1+ "llama3" RoPE scaling: {factor,
+    #   low_freq_factor, high_freq_factor, original_max_position_embeddings}, as in its
+    #   config.json; None = plain RoPE
     bias: bool = True  # biases in linears and LayerNorms (GPT-2: True; Llama: False)
     dropout: float = 0.0  # dropout on embeddings, attention probabilities and residual branches
     tie_embeddings: bool = True  # lm_head shares its weight with the token embedding wte
     norm_eps: float = 1e-5  # epsilon in LayerNorm / RMSNorm
 
     def __post_init__(self):
+        # Every problem is collected and reported in one sentence: a bad config should fail
+        # here, naming its fields, not later as a shape mismatch deep inside forward.
         if self.n_kv_head == 0:
             self.n_kv_head = self.n_head  # resolved here so asdict() round-trips
         problems = []
@@ -88,16 +101,20 @@ class GPTConfig:
             problems.append(f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}")
         if self.pos not in ("learned", "rope"):
             problems.append(f"pos must be 'learned' or 'rope', got {self.pos!r}")
+        # the divisibility checks need the sizes above to be valid integers first
         if not problems and self.n_embd % self.n_head:
             problems.append(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
-        if not problems and self.n_head % self.n_kv_head:
+        if not problems and self.n_head % self.n_kv_head:  # each kv head serves nh/nkv queries
             problems.append(f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}")
         if not problems and self.pos == "rope" and (self.n_embd // self.n_head) % 2:
-            problems.append(f"RoPE needs an even head size, got n_embd/n_head={self.n_embd // self.n_head}")
+            # RoPE rotates pairs of dimensions (i, i + hs/2), so hs must split into two halves
+            problems.append("RoPE needs an even head size, got n_embd/n_head="
+                            f"{self.n_embd // self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
         if self.rope_scaling is not None and set(self.rope_scaling) != set(_LLAMA3_SCALING_KEYS):
-            problems.append(f"rope_scaling needs exactly the keys {', '.join(_LLAMA3_SCALING_KEYS)}")
+            problems.append("rope_scaling needs exactly the keys "
+                            f"{', '.join(_LLAMA3_SCALING_KEYS)}")
         if self.mlp_hidden < 0 or self.rope_theta <= 0 or self.norm_eps <= 0:
             problems.append("mlp_hidden must be >= 0 and rope_theta, norm_eps must be > 0")
         if problems:
@@ -147,44 +164,53 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim))  # a gain per channel, starting at identity
 
     def forward(self, x):
-        xf = x.float()
+        # subtle: a mean of C squares in bf16 loses most of its precision; fp32 avoids that,
+        # and the same round trip as Hugging Face's LlamaRMSNorm keeps our outputs equal to its
+        xf = x.float()  # (B, T, C) in fp32
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)  # (B, T, C)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * xf.to(x.dtype)  # (B, T, C), back in the input's dtype
 
 
 def make_norm(cfg: GPTConfig) -> nn.Module:
+    """The config's norm over C channels: RMSNorm (Llama), or LayerNorm (GPT-2), biased or not."""
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.n_embd, cfg.norm_eps)
     return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def rope_tables(block_size: int, head_size: int, theta: float, scaling: dict | None = None, device=None):
+def rope_tables(block_size: int, head_size: int, theta: float, scaling: dict | None = None,
+                device=None):
     """cos, sin tables of shape (block_size, hs) for RoPE (Su et al. 2021, eq. 34).
     Pair i of a head rotates at frequency theta^(-2i/hs); Hugging Face's Llama pairs
     dimension i with i + hs/2 (the "rotate half" layout), so we repeat the frequencies."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2, device=device, dtype=torch.float32) / head_size)
+    # RoFormer eq. 15: theta_i = base^(-2i/d), one frequency per pair of dimensions
+    dims = torch.arange(0, head_size, 2, device=device, dtype=torch.float32)  # (hs/2,)
+    inv_freq = 1.0 / theta ** (dims / head_size)  # (hs/2,)
     if scaling:  # Llama 3.1: waves longer than the original context slow down by `factor`,
         # waves shorter than original/high_freq_factor stay, and those between blend linearly
         old = scaling["original_max_position_embeddings"]
         lo, hi = scaling["low_freq_factor"], scaling["high_freq_factor"]
-        wavelen = 2 * math.pi / inv_freq
+        wavelen = 2 * math.pi / inv_freq  # (hs/2,) tokens per full turn of each pair
         keep = ((old / wavelen - lo) / (hi - lo)).clamp(0, 1)  # 1: unchanged, 0: divided by factor
         inv_freq = (1 - keep) * inv_freq / scaling["factor"] + keep * inv_freq
+    # the angle of pair i at position m is m * theta_i, in fp32: angles reach block_size
+    # radians, where bf16's coarse steps would give neighbouring positions the same angle
     angles = torch.outer(torch.arange(block_size, device=device, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)  # (block_size, hs)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x, cos, sin):
-    """Rotate each (x_i, x_{i+hs/2}) pair of x (B, n, T, hs) by its position's angle;
+    """Rotate each (x_i, x_{i+hs/2}) pair of x (B, nh or nkv, T, hs) by its position's angle;
     cos, sin are (T, hs) or (B, 1, T, hs) when every row has its own positions."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)  # (B, n, T, hs/2) each
-    rotated = torch.cat([-x2, x1], dim=-1)  # (B, n, T, hs)
-    return x * cos + rotated * sin
+    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+    rotated = torch.cat([-x2, x1], dim=-1)  # (B, nh, T, hs)
+    # RoFormer eq. 34, rotate-half form: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
+    return x * cos + rotated * sin  # (B, nh, T, hs)
 
 
 class CausalSelfAttention(nn.Module):
@@ -195,35 +221,39 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head
         self.head_size = cfg.n_embd // cfg.n_head
-        qkv_out = (cfg.n_head + 2 * cfg.n_kv_head) * self.head_size
+        # one matmul for q, k and v together keeps the GPU busier than three smaller ones
+        qkv_out = (cfg.n_head + 2 * cfg.n_kv_head) * self.head_size  # q, then k, then v
         self.c_attn = nn.Linear(cfg.n_embd, qkv_out, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)  # residual projection
-        self.dropout = cfg.dropout
+        self.dropout = cfg.dropout  # a probability: SDPA drops attention weights itself
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.manual = False  # True: the explicit softmax(QK^T/sqrt(hs))V below, for teaching
 
     def forward(self, x, cos=None, sin=None, kv_cache=None, layer=0, start_pos=0, mask=None):
         B, T, C = x.shape
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_size
-        q, k, v = self.c_attn(x).split([nh * hs, nkv * hs, nkv * hs], dim=-1)
+        qkv = self.c_attn(x)  # (B, T, (nh + 2 * nkv) * hs)
+        q, k, v = qkv.split([nh * hs, nkv * hs, nkv * hs], dim=-1)  # (B, T, nh*hs), (B, T, nkv*hs)
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         if cos is not None:  # RoPE rotates queries and keys, never values
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # shapes unchanged
         if kv_cache is not None:  # append this chunk, attend over everything cached so far
             k, v = kv_cache.update(layer, start_pos, k, v)  # (B, nkv, S, hs), S = start_pos + T
         S = k.size(2)
+        # subtle: F.dropout and SDPA's dropout_p ignore self.training; eval must pass p=0 itself
         drop = self.dropout if self.training else 0.0
         if self.manual:
-            # subtle: the slow path materializes the repeated heads: query head j reads kv head j // (nh/nkv)
+            # subtle: the slow path materializes the repeated heads: query head j reads
+            # kv head j // (nh/nkv), which is what repeat_interleave lays out
             k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, S, hs)
             v = v.repeat_interleave(nh // nkv, dim=1)  # (B, nh, S, hs)
             att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, S), Vaswani et al. eq. 1
             if mask is None:  # query i sits at absolute position S - T + i and sees keys up to it
                 mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-            att = att.masked_fill(~mask, float("-inf"))
-            att = F.dropout(F.softmax(att, dim=-1), p=drop)
+            att = att.masked_fill(~mask, float("-inf"))  # (B, nh, T, S)
+            att = F.dropout(F.softmax(att, dim=-1), p=drop)  # (B, nh, T, S), rows sum to 1
             y = att @ v  # (B, nh, T, hs)
         else:
             # Flash / memory-efficient kernels where available. Without a mask the only cases
@@ -233,12 +263,14 @@ class CausalSelfAttention(nn.Module):
                 if _SDPA_HAS_GQA:
                     kwargs["enable_gqa"] = True  # broadcast kv heads inside the kernel
                 else:
-                    k = k.repeat_interleave(nh // nkv, dim=1)
-                    v = v.repeat_interleave(nh // nkv, dim=1)
+                    k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, S, hs)
+                    v = v.repeat_interleave(nh // nkv, dim=1)  # (B, nh, S, hs)
+            # subtle: is_causal aligns its triangle to the top left, so it is right only for
+            # T == S; one query (T == 1) must see every key, hence is_causal=False there
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop,
                                                is_causal=mask is None and T > 1, **kwargs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(self.c_proj(y))  # (B, T, C)
 
 
 class MLP(nn.Module):
@@ -255,7 +287,7 @@ class MLP(nn.Module):
     def forward(self, x):
         if self.c_gate is None:
             h = F.gelu(self.c_fc(x), approximate="tanh")  # (B, T, 4C); GPT-2 used the tanh form
-        else:
+        else:  # Shazeer 2020's FFN_SwiGLU: a silu gate scales the up projection elementwise
             h = F.silu(self.c_gate(x)) * self.c_fc(x)  # (B, T, hidden)
         return self.dropout(self.c_proj(h))  # (B, T, C)
 
@@ -271,6 +303,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos=None, sin=None, kv_cache=None, layer=0, start_pos=0, mask=None):
+        # pre-norm (Xiong et al. 2020): the residual stream itself is never normalized, so
+        # gradients reach the embeddings through a plain sum and deep stacks train stably
         x = x + self.attn(self.ln_1(x), cos, sin, kv_cache, layer, start_pos, mask)  # (B, T, C)
         return x + self.mlp(self.ln_2(x))  # (B, T, C)
 
@@ -279,7 +313,9 @@ class KVCache:
     """Preallocated keys and values of every layer, (n_layer, B, nkv, max_len, hs) each, so
     decoding a token costs O(T) attention instead of recomputing the whole prefix."""
 
-    def __init__(self, n_layer, batch_size, n_kv_head, max_len, head_size, device=None, dtype=None):
+    def __init__(self, n_layer, batch_size, n_kv_head, max_len, head_size, device=None,
+                 dtype=None):
+        # allocated once at full length (gpt-fast): no torch.cat that copies the cache per step
         shape = (n_layer, batch_size, n_kv_head, max_len, head_size)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -289,16 +325,33 @@ class KVCache:
         """Write k, v (B, nkv, T, hs) at positions start_pos..start_pos+T-1; return the
         keys and values of positions 0..start_pos+T-1, (B, nkv, start_pos + T, hs)."""
         end = start_pos + k.size(2)
+        # past max_len the write below would fail with a bare shape error; say what to do instead
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions but {end} were asked for; "
-                             "allocate a longer cache with model.new_kv_cache(batch_size, max_len).")
+                             "allocate a longer cache with model.new_kv_cache(batch_size, "
+                             "max_len).")
         self.k[layer, :, :, start_pos:end] = k
         self.v[layer, :, :, start_pos:end] = v
+        # views, not copies: attention reads the first `end` positions in place
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
 # ----------------------------------------------------------------------------------------
 # Sampling: from the last position's logits to the next token
+
+
+def check_sampling_args(temperature: float, top_k=None, top_p=None) -> None:
+    """The one rule for the sampling settings, shared by sample_logits, GPT.generate_stream
+    and sample.py's command line: temperature >= 0 (0 = greedy), top_k >= 0 (0 or None =
+    off), 0 < top_p <= 1 (None or 1 = off). Out of range: ValueError, one sentence with the fix."""
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} is negative; use 0 for greedy decoding or "
+                         "a value > 0 to sample")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k={top_k} is negative; use 0 to disable top-k or a positive count")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} is outside (0, 1]; use e.g. 0.9, or 1.0 to disable "
+                         "nucleus sampling")
 
 
 def sample_logits(logits, temperature: float = 1.0, top_k=None, top_p=None, generator=None):
@@ -307,23 +360,24 @@ def sample_logits(logits, temperature: float = 1.0, top_k=None, top_p=None, gene
     the top_k most likely ids and then to the smallest set whose probability reaches top_p
     (nucleus sampling, Holtzman et al. 2019). Example: probs [.5, .3, .15, .05], top_p=0.8
     keeps ids 0 and 1 and samples them with probabilities .625 and .375."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
-        raise ValueError(f"need temperature >= 0, top_k >= 1 and 0 < top_p <= 1; got "
-                         f"temperature={temperature}, top_k={top_k}, top_p={top_p}.")
-    logits = logits.float() / temperature  # (B, V)
-    if top_k is not None and top_k < logits.size(-1):
+    check_sampling_args(temperature, top_k, top_p)
+    if temperature == 0:  # greedy: argmax draws no random number, so generator stays untouched
+        return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+    # fp32 even for a bf16 model: top-p's running sum over V probabilities needs the precision
+    logits = logits.float() / temperature  # (B, V); below 1 sharper, above 1 flatter
+    if top_k and top_k < logits.size(-1):  # 0 or None: off; k >= V would keep every id anyway
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        # subtle: ids tied with the k-th value all stay, so a row may keep more than k
+        logits = logits.masked_fill(logits < kth, float("-inf"))  # (B, V)
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
-        probs = F.softmax(sorted_logits, dim=-1)
+        probs = F.softmax(sorted_logits, dim=-1)  # (B, V), most likely first
         # drop an id when the ids ranked above it already reach top_p (the first always stays)
-        drop = probs.cumsum(dim=-1) - probs >= top_p
+        drop = probs.cumsum(dim=-1) - probs >= top_p  # (B, V) bool
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        # scatter the kept logits back from rank order to id order
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = F.softmax(logits, dim=-1)  # (B, V)
+    probs = F.softmax(logits, dim=-1)  # (B, V); -inf ids get probability exactly 0
     return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
 
 
@@ -342,16 +396,17 @@ class GPT(nn.Module):
         emb = lambda n: nn.Embedding(n, cfg.n_embd, _weight=torch.empty(n, cfg.n_embd))
         self.transformer = nn.ModuleDict(dict(
             wte=emb(cfg.vocab_size),  # token embeddings
-            wpe=emb(cfg.block_size) if cfg.pos == "learned" else None,  # learned position embeddings
+            wpe=emb(cfg.block_size) if cfg.pos == "learned" else None,  # learned positions
             drop=nn.Dropout(cfg.dropout),
             h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
             ln_f=make_norm(cfg),
         ))
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)  # C -> V next-token scores
         if cfg.tie_embeddings:  # Press & Wolf 2017; GPT-2 ties, Llama 2/3 do not
             self.lm_head.weight = self.transformer.wte.weight
-        self._set_rope_tables()
-        self.grad_checkpoint = False  # True: keep only block inputs, redo each block's forward in backward
+        self._set_rope_tables()  # buffers, so model.to(device) moves them with the weights
+        # True: keep only block inputs, redo each block's forward in backward (memory for time)
+        self.grad_checkpoint = False
         if self.lm_head.weight.is_meta:
             return  # shapes only (from_pretrained, sizing): the weights come from elsewhere
         self.apply(self._init_weights)
@@ -362,6 +417,7 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     def _init_weights(self, module):
+        """N(0, 0.02) for every matrix and embedding, zero biases (GPT-2's init, as in nanoGPT)."""
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)  # GPT-2's initializer_range
         if isinstance(module, nn.Linear) and module.bias is not None:
@@ -374,7 +430,7 @@ class GPT(nn.Module):
             hs = self.config.n_embd // self.config.n_head
             cos, sin = rope_tables(self.config.block_size, hs, self.config.rope_theta,
                                    self.config.rope_scaling, device)
-        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs) or None
         self.register_buffer("rope_sin", sin, persistent=False)
 
     @property
@@ -396,38 +452,43 @@ class GPT(nn.Module):
         attended to and real tokens are numbered from 0 (used by generate)."""
         B, T = idx.shape
         cfg = self.config
-        if start_pos + T > cfg.block_size:
+        if start_pos + T > cfg.block_size:  # wpe and the RoPE tables end at block_size
             raise ValueError(f"sequence of {start_pos + T} tokens is longer than block_size="
-                             f"{cfg.block_size}; crop the input or use a config with a larger block_size.")
+                             f"{cfg.block_size}; crop the input or use a config with a larger "
+                             "block_size.")
         positions = torch.arange(start_pos, start_pos + T, device=idx.device)  # (T,)
-        if left_pad is not None:
+        if left_pad is not None:  # row b's first real token is position 0; its pads clamp to 0
             positions = (positions[None, :] - left_pad[:, None]).clamp(min=0)  # (B, T)
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.transformer.wpe is not None:
             x = x + self.transformer.wpe(positions)  # (B, T, C), broadcasts over B if (T,)
-        x = self.transformer.drop(x)
+        x = self.transformer.drop(x)  # (B, T, C)
         cos = sin = None
         if self.rope_cos is not None and left_pad is None:
             cos = self.rope_cos[start_pos:start_pos + T]  # (T, hs)
-            sin = self.rope_sin[start_pos:start_pos + T]
+            sin = self.rope_sin[start_pos:start_pos + T]  # (T, hs)
         elif self.rope_cos is not None:  # every row has its own positions
             cos = self.rope_cos[positions].unsqueeze(1)  # (B, 1, T, hs)
-            sin = self.rope_sin[positions].unsqueeze(1)
-        mask = self._attention_mask(T, start_pos, left_pad, idx.device)
-        use_ckpt = self.grad_checkpoint and self.training and torch.is_grad_enabled() and kv_cache is None
+            sin = self.rope_sin[positions].unsqueeze(1)  # (B, 1, T, hs)
+        mask = self._attention_mask(T, start_pos, left_pad, idx.device)  # None or (B|1, 1, T, S)
+        # checkpointing saves memory only when backward will run, and a cache is for inference
+        use_ckpt = (self.grad_checkpoint and self.training and torch.is_grad_enabled()
+                    and kv_cache is None)
         for layer, block in enumerate(self.transformer.h):
             if use_ckpt:  # keep only block inputs; recompute the inside during backward
-                x = checkpoint(block, x, cos, sin, None, layer, start_pos, mask, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, None, layer, start_pos, mask,
+                               use_reentrant=False)  # (B, T, C)
             else:
-                x = block(x, cos, sin, kv_cache, layer, start_pos, mask)
+                x = block(x, cos, sin, kv_cache, layer, start_pos, mask)  # (B, T, C)
         x = self.transformer.ln_f(x)  # (B, T, C)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None  # (B, 1, V): generation needs only the last
+            # (B, 1, V): generation needs only the last position; the list [-1] keeps the T axis
+            return self.lm_head(x[:, [-1], :]), None
         logits = self.lm_head(x)  # (B, T, V)
         # subtle: sum / count instead of reduction="mean", so a batch whose targets are all -100
         # gives loss 0 (and zero gradients) rather than NaN.
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=-100, reduction="sum")
+                               ignore_index=-100, reduction="sum")  # (B*T, V) vs (B*T,)
         return logits, loss / (targets != -100).sum().clamp(min=1)
 
     @staticmethod
@@ -435,6 +496,7 @@ class GPT(nn.Module):
         """None where SDPA's own is_causal is right (a full square from position 0, or one
         query), else a boolean (B or 1, 1, T, S) mask, True where a query may attend."""
         S = start_pos + T
+        # None lets SDPA choose its fastest kernel: flash attention takes no explicit mask
         if left_pad is None and (start_pos == 0 or T == 1):
             return None
         q_pos = torch.arange(start_pos, S, device=device)[:, None]  # (T, 1) absolute columns
@@ -449,67 +511,103 @@ class GPT(nn.Module):
         return mask[None, None]  # (1, 1, T, S)
 
     def new_kv_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
+        """An empty KVCache for this model, on its device and (unless dtype is given) dtype."""
         p = self.lm_head.weight
         hs = self.config.n_embd // self.config.n_head
         return KVCache(self.config.n_layer, batch_size, self.config.n_kv_head, max_len, hs,
                        device=p.device, dtype=dtype or p.dtype)
 
     # ------------------------------------------------------------------------------------
-    # Generation
+    # Generation: prefill the prompt once, then one token per forward pass
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None, top_p=None,
-                 eos_id=None, use_cache: bool = True, generator=None, vocab_limit=None, prompt_lens=None):
-        """Continue idx (B, T) by up to max_new_tokens tokens; returns (B, T + new).
-        eos_id (int or list): a row that samples one stops and repeats that id in its later
-        columns; generation ends early once every row has stopped.
+    def generate_stream(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None,
+                        top_p=None, eos_id=None, use_cache: bool = True, generator=None,
+                        vocab_limit=None, prompt_lens=None, logits_hook=None, decode_fn=None):
+        """Yield the next token of every row, a (B, 1) LongTensor per step, up to max_new_tokens.
+
+        idx (B, T) holds the prompts. temperature, top_k, top_p: as in sample_logits, checked
+        by check_sampling_args; generator: a seeded torch.Generator makes the draws repeat.
+        eos_id (int or list): a row that samples one has finished and repeats that id in its
+        later columns; the stream ends early once every row has finished.
         vocab_limit: ids >= vocab_limit are never sampled. prompt_lens (B,): rows are
         LEFT-padded prompts of these lengths; each row yields what it would alone.
-        With use_cache, the prompt is prefilled into a KV cache and then one token is fed per
-        step, when the whole output fits in block_size; otherwise (or use_cache=False) each
-        step reruns the last block_size tokens (a sliding window)."""
+        logits_hook(logits (B, V), idx so far (B, T + steps)) -> logits: extra filters, applied
+        after the vocabulary mask and before sampling (sample.py's repetition penalty, min-p).
+        With use_cache, when the whole output fits in block_size, the prompt is prefilled into
+        a KV cache and then one token is fed per step (through decode_fn if given, e.g. a
+        torch.compile'd forward); otherwise (or use_cache=False) each step reruns the last
+        block_size tokens (a sliding window). Dropout is off while the stream runs; the
+        model's train/eval mode comes back when it ends or is closed."""
+        check_sampling_args(temperature, top_k, top_p)  # once, before any forward pass
         B, T = idx.shape
-        cfg = self.config
-        left_pad = None
-        if prompt_lens is not None:
-            lens = torch.as_tensor(prompt_lens, dtype=torch.long, device=idx.device).view(-1)
-            if lens.numel() != B or bool((lens < 1).any()) or bool((lens > T).any()):
-                raise ValueError(f"prompt_lens must hold {B} lengths between 1 and {T} (the padded "
-                                 f"prompt width); got {lens.tolist()}.")
-            left_pad = T - lens  # (B,)
+        left_pad = self._left_pad(prompt_lens, B, T, idx.device)  # (B,) or None
         eos = None
         if eos_id is not None:
             eos = torch.as_tensor([eos_id] if isinstance(eos_id, int) else list(eos_id),
                                   dtype=torch.long, device=idx.device)
-        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)  # (B,)
+        # the cache is preallocated for the whole output; past block_size the oldest tokens
+        # must leave the window, and the cached keys of the others would then sit at wrong
+        # positions, so that case recomputes every step instead
         cache = None
-        if use_cache and T + max_new_tokens <= cfg.block_size:
+        if use_cache and T + max_new_tokens <= self.config.block_size:
             cache = self.new_kv_cache(B, T + max_new_tokens)
+        # only one-token steps may go through decode_fn: the prefill's length changes with every
+        # prompt, and a compiled forward would recompile for new lengths
+        decode = decode_fn or self.forward
         was_training = self.training
         self.eval()  # no dropout while sampling
         try:
-            done = 0  # columns of idx already in the cache
+            nxt = None  # the newest column, (B, 1); None until the prefill has run
             for _ in range(max_new_tokens):
-                if cache is not None:
-                    logits, _ = self(idx[:, done:], kv_cache=cache, start_pos=done, left_pad=left_pad)
-                    done = idx.size(1)
-                else:
-                    crop = max(0, idx.size(1) - cfg.block_size)
-                    pad = None if left_pad is None else (left_pad - crop).clamp(min=0)
-                    logits, _ = self(idx[:, crop:], left_pad=pad)
+                if cache is None:  # the last block_size tokens again: O(T) work per token
+                    crop = max(0, idx.size(1) - self.config.block_size)
+                    pad = None if left_pad is None else (left_pad - crop).clamp(min=0)  # (B,)
+                    logits, _ = self(idx[:, crop:], left_pad=pad)  # (B, 1, V)
+                elif nxt is None:  # prefill: all T prompt positions in one pass, into the cache
+                    logits, _ = self(idx, kv_cache=cache, start_pos=0, left_pad=left_pad)
+                else:  # decode one token: only the newest column, at its absolute position
+                    logits, _ = decode(nxt, kv_cache=cache, start_pos=idx.size(1) - 1,
+                                       left_pad=left_pad)  # (B, 1, V)
                 logits = logits[:, -1, :].float()  # (B, V)
                 if vocab_limit is not None:  # train.py pads V to a multiple of 64; never emit those
                     logits[:, vocab_limit:] = float("-inf")
+                if logits_hook is not None:
+                    logits = logits_hook(logits, idx)  # (B, V)
                 nxt = sample_logits(logits, temperature, top_k, top_p, generator)  # (B, 1)
-                if eos is not None:
-                    nxt = torch.where(finished[:, None], idx[:, -1:], nxt)  # finished: repeat its eos
-                    finished |= torch.isin(nxt[:, 0], eos)
-                idx = torch.cat([idx, nxt], dim=1)  # (B, T + step + 1)
-                if eos is not None and bool(finished.all()):
-                    break
+                if eos is not None:  # a finished row repeats its eos, so columns stay aligned
+                    nxt = torch.where(finished[:, None], idx[:, -1:], nxt)  # (B, 1)
+                    finished |= torch.isin(nxt[:, 0], eos)  # (B,)
+                idx = torch.cat([idx, nxt], dim=1)  # (B, T + steps so far)
+                yield nxt
+                if eos is not None and bool(finished.all()):  # bool() waits for the device
+                    return
         finally:
             self.train(was_training)
-        return idx
+
+    @staticmethod
+    def _left_pad(prompt_lens, B: int, T: int, device):
+        """prompt_lens (B,) of a LEFT-padded (B, T) batch -> pad tokens per row, (B,), as
+        forward(left_pad=...) takes them; None stays None."""
+        if prompt_lens is None:
+            return None
+        lens = torch.as_tensor(prompt_lens, dtype=torch.long, device=device).view(-1)  # (B,)
+        if lens.numel() != B or bool((lens < 1).any()) or bool((lens > T).any()):
+            raise ValueError(f"prompt_lens must hold {B} lengths between 1 and {T} (the padded "
+                             f"prompt width); got {lens.tolist()}.")
+        return T - lens  # (B,)
+
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None,
+                 top_p=None, eos_id=None, use_cache: bool = True, generator=None,
+                 vocab_limit=None, prompt_lens=None, logits_hook=None):
+        """Continue idx (B, T) by up to max_new_tokens tokens; returns (B, T + new): the
+        prompts followed by every column of generate_stream (same arguments), collected.
+        Fewer than max_new_tokens columns come back only when every row hit an eos_id."""
+        columns = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p,
+                                            eos_id, use_cache, generator, vocab_limit,
+                                            prompt_lens, logits_hook))
+        return torch.cat([idx, *columns], dim=1)  # (B, T + new)
 
     # ------------------------------------------------------------------------------------
     # Accounting: parameters, FLOPs, MFU, optimizer groups
@@ -519,7 +617,7 @@ class GPT(nn.Module):
         tables that do no matmul: wpe, and wte when untied (a tied wte is counted once, as the
         lm_head matrix). That is the N in the 6N FLOPs rule. gpt2: 124,439,808 with everything,
         123,653,376 without wpe."""
-        n = sum(p.numel() for p in self.parameters())
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied tensor once
         if non_embedding:
             if self.transformer.wpe is not None:
                 n -= self.transformer.wpe.weight.numel()
@@ -534,7 +632,8 @@ class GPT(nn.Module):
         of that, but like PaLM we count it all."""
         cfg = self.config
         hs = cfg.n_embd // cfg.n_head
-        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_head * hs * cfg.block_size
+        attention = 12 * cfg.n_layer * cfg.n_head * hs * cfg.block_size  # PaLM appendix B
+        return 6 * self.num_params(non_embedding=True) + attention
 
     def estimate_mfu(self, tokens_per_sec: float, device) -> float | None:
         """Model FLOPs utilization: achieved FLOP/s over the device's peak dense bf16 FLOP/s
@@ -549,6 +648,7 @@ class GPT(nn.Module):
         params = dict(self.named_parameters())  # shared tensors appear once
         decay = [p for p in params.values() if p.dim() >= 2]
         no_decay = [p for p in params.values() if p.dim() < 2]
+        # a tensor in no group would never train; AdamW refuses one that is in two
         assert len(decay) + len(no_decay) == len({id(p) for p in self.parameters()})
         return [{"params": decay, "weight_decay": weight_decay},
                 {"params": no_decay, "weight_decay": 0.0}]
@@ -557,36 +657,44 @@ class GPT(nn.Module):
     # Hugging Face checkpoints in and out
 
     @classmethod
-    def from_pretrained(cls, hf_dir: str, dtype=torch.float32, block_size: int | None = None) -> "GPT":
+    def from_pretrained(cls, hf_dir: str, dtype=torch.float32,
+                        block_size: int | None = None) -> "GPT":
         """Load a local Hugging Face GPT2LMHeadModel or LlamaForCausalLM directory (config.json
         plus model.safetensors or pytorch_model.bin, or their sharded *.index.json form), in
         eval mode. block_size optionally shortens the context (smaller RoPE tables / wpe)."""
         cfg = config_from_hf(_read_json(os.path.join(hf_dir, "config.json")), hf_dir)
+        # RoPE tables are computed for any length, but learned positions can only be cut short
         if block_size is not None and block_size > cfg.block_size and cfg.pos == "learned":
-            raise ValueError(f"{hf_dir}: block_size={block_size} exceeds the checkpoint's {cfg.block_size} "
-                             "learned positions; pass a block_size no larger than that.")
+            raise ValueError(f"{hf_dir}: block_size={block_size} exceeds the checkpoint's "
+                             f"{cfg.block_size} learned positions; pass a block_size no larger "
+                             "than that.")
         if block_size is not None:
             cfg = GPTConfig(**{**asdict(cfg), "block_size": block_size})
-        hf_sd = _load_hf_weights(hf_dir)
+        hf_sd = _load_hf_weights(hf_dir)  # Hugging Face name -> tensor, on the CPU
         if "wte.weight" in hf_sd:  # OpenAI's gpt2 checkpoints were saved without the prefix
-            hf_sd = {k if k.startswith("lm_head") else "transformer." + k: v for k, v in hf_sd.items()}
+            hf_sd = {k if k.startswith("lm_head") else "transformer." + k: v
+                     for k, v in hf_sd.items()}
         with torch.device("meta"):
             model = cls(cfg)  # shapes only: no memory and no init work, the weights arrive next
+        # rename every tensor into our layout (transposing GPT-2's Conv1D weights); strict loading
+        # below then proves no parameter was left as an empty meta-device placeholder
         sd = {}
         for ours, names, transpose in _hf_layout(cfg):
             missing = [n for n in names if n not in hf_sd]
             if missing:
-                raise ValueError(f"{hf_dir}: the weights lack {missing[0]!r}, which its config.json "
-                                 "implies; the checkpoint and config do not belong together.")
+                raise ValueError(f"{hf_dir}: the weights lack {missing[0]!r}, which its "
+                                 "config.json implies; the checkpoint and config do not belong "
+                                 "together.")
             # pop: each loaded tensor is released as soon as its converted copy exists
             t = torch.cat([hf_sd.pop(n) for n in names]) if len(names) > 1 else hf_sd.pop(names[0])
             if block_size is not None and ours == "transformer.wpe.weight":
                 t = t[:block_size]
             sd[ours] = (t.t() if transpose else t).to(dtype).contiguous()
-        if cfg.tie_embeddings:
+        if cfg.tie_embeddings:  # strict loading wants the head too; it is the same tensor
             sd["lm_head.weight"] = sd["transformer.wte.weight"]
         model.load_state_dict(sd, strict=True, assign=True)
-        if cfg.tie_embeddings:  # subtle: assign=True put two separate Parameters in; share one again
+        # subtle: assign=True put two separate Parameters in; share one again
+        if cfg.tie_embeddings:
             model.lm_head.weight = model.transformer.wte.weight
         model._set_rope_tables()  # the tables built on the meta device hold no values
         return model.eval()
@@ -597,11 +705,12 @@ class GPT(nn.Module):
         GPT2LMHeadModel (GPT-2 style) or LlamaForCausalLM (Llama style). extra_config adds
         keys to config.json, e.g. {"eos_token_id": 0}."""
         hf_cfg = {**config_to_hf(self.config, self.lm_head.weight.dtype), **(extra_config or {})}
-        sd = self.state_dict()
+        sd = self.state_dict()  # our names; a tied lm_head.weight, which _hf_layout skips, too
         hf_sd = {}
         for ours, names, transpose in _hf_layout(self.config):
             t = sd[ours].detach().cpu()
             t = t.t() if transpose else t
+            # the reverse of from_pretrained's cat: our fused c_attn back into q, k and v
             parts = t.split(_qkv_sizes(self.config)) if len(names) > 1 else [t]
             for name, part in zip(names, parts):
                 # subtle: safetensors refuses tensors that share memory (q/k/v are views of one)
@@ -611,11 +720,13 @@ class GPT(nn.Module):
         try:
             from safetensors.torch import save_file
             name, stale = "model.safetensors", "pytorch_model.bin"
-            _write_atomic(os.path.join(out_dir, name), lambda p: save_file(hf_sd, p, {"format": "pt"}))
+            _write_atomic(os.path.join(out_dir, name),
+                          lambda p: save_file(hf_sd, p, {"format": "pt"}))
         except ImportError:  # a plain dict of tensors, which torch.load(weights_only=True) reads
             name, stale = "pytorch_model.bin", "model.safetensors"
             _write_atomic(os.path.join(out_dir, name), lambda p: torch.save(hf_sd, p))
-        if os.path.exists(os.path.join(out_dir, stale)):  # transformers would prefer a stale safetensors
+        # transformers would prefer a stale safetensors left by an earlier save
+        if os.path.exists(os.path.join(out_dir, stale)):
             os.remove(os.path.join(out_dir, stale))
 
 
@@ -653,6 +764,7 @@ def peak_flops(device) -> float | None:
         if device.type != "cuda" or not torch.cuda.is_available():
             return None  # subtle: never touch CUDA APIs on a machine without CUDA
         name = torch.cuda.get_device_name(device)
+    # a substring, ignoring case: drivers decorate the model name (memory size, form factor)
     for key, flops in PEAK_BF16_FLOPS:
         if key.lower() in name.lower():
             return flops
@@ -664,18 +776,21 @@ def peak_flops(device) -> float | None:
 
 
 def _hf_family(cfg: GPTConfig) -> str:
+    """"gpt2" or "llama": the Hugging Face architecture whose exact layout cfg has."""
     parts = (cfg.norm, cfg.mlp, cfg.pos)
     if parts == ("layernorm", "gelu", "learned") and cfg.bias and cfg.n_kv_head == cfg.n_head:
         return "gpt2"
     if parts == ("rmsnorm", "swiglu", "rope"):
         return "llama"
-    raise ValueError(f"Hugging Face export needs a GPT-2 style config (layernorm, gelu, learned, bias=True, "
-                     f"n_kv_head == n_head) or a Llama style one (rmsnorm, swiglu, rope); this one has "
-                     f"norm={cfg.norm}, mlp={cfg.mlp}, pos={cfg.pos}, bias={cfg.bias}, "
-                     f"n_kv_head={cfg.n_kv_head}.")
+    # a mix (e.g. GPT-2 with RoPE) trains fine here but has no Hugging Face class to load it
+    raise ValueError(f"Hugging Face export needs a GPT-2 style config (layernorm, gelu, learned, "
+                     f"bias=True, n_kv_head == n_head) or a Llama style one (rmsnorm, swiglu, "
+                     f"rope); this one has norm={cfg.norm}, mlp={cfg.mlp}, pos={cfg.pos}, "
+                     f"bias={cfg.bias}, n_kv_head={cfg.n_kv_head}.")
 
 
 def _qkv_sizes(cfg: GPTConfig) -> list[int]:
+    """Rows of q, k and v inside the fused c_attn weight: [nh * hs, nkv * hs, nkv * hs]."""
     hs = cfg.n_embd // cfg.n_head
     return [cfg.n_head * hs, cfg.n_kv_head * hs, cfg.n_kv_head * hs]
 
@@ -685,9 +800,10 @@ def _hf_layout(cfg: GPTConfig) -> list[tuple[str, list[str], bool]]:
     concatenated along dim 0 into ours (Llama's q_proj, k_proj, v_proj -> c_attn). GPT-2's
     checkpoints use Conv1D layers that store weights as (in, out): transpose those."""
     if _hf_family(cfg) == "gpt2":  # our names are GPT-2's own
-        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                  "mlp.c_proj.weight")
         names = ["wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"]
-        for i in range(cfg.n_layer):
+        for i in range(cfg.n_layer):  # six modules per block, each with a weight and a bias
             for part in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"):
                 names += [f"h.{i}.{part}.weight", f"h.{i}.{part}.bias"]
         out = [(f"transformer.{n}", [f"transformer.{n}"], n.endswith(conv1d)) for n in names]
@@ -704,7 +820,7 @@ def _hf_layout(cfg: GPTConfig) -> list[tuple[str, list[str], bool]]:
             for suffix in ("weight", "bias") if cfg.bias else ("weight",):
                 out += [(f"{ours}{o}.{suffix}", [f"{hf}{n}.{suffix}" for n in names], False)
                         for o, names in pairs]
-    if not cfg.tie_embeddings:
+    if not cfg.tie_embeddings:  # a tied head is wte itself, which HF does not store twice
         out.append(("lm_head.weight", ["lm_head.weight"], False))
     return out
 
@@ -719,38 +835,47 @@ def config_from_hf(hf: dict, where: str = "config.json") -> GPTConfig:
 
 
 def _config_from_hf(hf: dict, where: str) -> GPTConfig:
+    """config_from_hf's work; a missing required key surfaces as KeyError, reworded there.
+    Anything the model cannot reproduce exactly is refused rather than silently approximated."""
     kind = hf.get("model_type")
     if kind == "gpt2":
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"{where}: activation {hf['activation_function']!r} is not the tanh GELU "
-                             "that model.py uses; this checkpoint cannot be loaded.")
+            raise ValueError(f"{where}: activation {hf['activation_function']!r} is not the "
+                             "tanh GELU that model.py uses; this checkpoint cannot be loaded.")
+        # a config.json may omit keys left at transformers' defaults: .get falls back to those
         return GPTConfig(vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", 1024),
                          n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                         mlp_hidden=hf.get("n_inner") or 0, norm="layernorm", mlp="gelu", pos="learned",
-                         bias=True, tie_embeddings=hf.get("tie_word_embeddings", True),
+                         mlp_hidden=hf.get("n_inner") or 0, norm="layernorm", mlp="gelu",
+                         pos="learned", bias=True,
+                         tie_embeddings=hf.get("tie_word_embeddings", True),
                          norm_eps=hf.get("layer_norm_epsilon", 1e-5))
     if kind != "llama":
-        raise ValueError(f"{where}: model_type {kind!r} is not supported; model.py reads 'gpt2' and "
-                         "'llama' checkpoints.")
+        raise ValueError(f"{where}: model_type {kind!r} is not supported; model.py reads "
+                         "'gpt2' and 'llama' checkpoints.")
     # transformers 5 keeps rope_theta in rope_parameters; 4.x had rope_theta and rope_scaling
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    scaling = {k: rope[k] for k in _LLAMA3_SCALING_KEYS if k in rope} if rope_type == "llama3" else None
+    scaling = None
+    if rope_type == "llama3":
+        scaling = {k: rope[k] for k in _LLAMA3_SCALING_KEYS if k in rope}
     n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
     problems = [
-        (rope_type not in ("default", "llama3"), f"RoPE scaling {rope_type!r} is not implemented here"),
+        (rope_type not in ("default", "llama3"),
+         f"RoPE scaling {rope_type!r} is not implemented here"),
         (scaling is not None and len(scaling) < 4,
          f"llama3 RoPE scaling needs {', '.join(_LLAMA3_SCALING_KEYS)}"),
         (hf.get("head_dim") not in (None, n_embd // n_head),
          f"head_dim={hf.get('head_dim')} differs from hidden_size/num_attention_heads"),
-        (hf.get("hidden_act", "silu") != "silu", f"hidden_act={hf.get('hidden_act')!r} is not SwiGLU's silu"),
+        (hf.get("hidden_act", "silu") != "silu",
+         f"hidden_act={hf.get('hidden_act')!r} is not SwiGLU's silu"),
         (hf.get("attention_bias", False) != hf.get("mlp_bias", False),
          "attention_bias and mlp_bias differ, while model.py has one bias flag"),
     ]
     for bad, problem in problems:
         if bad:
             raise ValueError(f"{where}: {problem}; this checkpoint cannot be loaded.")
-    return GPTConfig(vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 2048),
+    return GPTConfig(vocab_size=hf["vocab_size"],
+                     block_size=hf.get("max_position_embeddings", 2048),
                      n_layer=hf["num_hidden_layers"], n_head=n_head,
                      n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=n_embd,
                      norm="rmsnorm", mlp="swiglu", mlp_hidden=hf["intermediate_size"], pos="rope",
@@ -763,43 +888,49 @@ def _config_from_hf(hf: dict, where: str) -> GPTConfig:
 def config_to_hf(cfg: GPTConfig, dtype=torch.float32) -> dict:
     """A Hugging Face config.json dict for cfg (GPT2LMHeadModel or LlamaForCausalLM)."""
     # bos/eos ids belong to the tokenizer, not the model: pass them in save_hf's extra_config
-    common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, bos_token_id=None,
-                  eos_token_id=None, torch_dtype=str(dtype).removeprefix("torch."))
+    common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings,
+                  bos_token_id=None, eos_token_id=None,
+                  torch_dtype=str(dtype).removeprefix("torch."))
     if _hf_family(cfg) == "gpt2":
         hidden = mlp_hidden_size(cfg)
-        return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", n_positions=cfg.block_size,
-                    n_ctx=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                    n_inner=None if hidden == 4 * cfg.n_embd else hidden, activation_function="gelu_new",
-                    layer_norm_epsilon=cfg.norm_eps, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
-                    attn_pdrop=cfg.dropout, **common)
+        return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2",
+                    n_positions=cfg.block_size, n_ctx=cfg.block_size, n_embd=cfg.n_embd,
+                    n_layer=cfg.n_layer, n_head=cfg.n_head,
+                    n_inner=None if hidden == 4 * cfg.n_embd else hidden,  # None: HF's 4C
+                    activation_function="gelu_new", layer_norm_epsilon=cfg.norm_eps,
+                    resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+                    **common)
     scaling = {"rope_type": "llama3", **cfg.rope_scaling} if cfg.rope_scaling else None
     return dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=cfg.n_embd,
                 intermediate_size=mlp_hidden_size(cfg), num_hidden_layers=cfg.n_layer,
                 num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
-                head_dim=cfg.n_embd // cfg.n_head, hidden_act="silu", max_position_embeddings=cfg.block_size,
-                rms_norm_eps=cfg.norm_eps,
-                rope_theta=cfg.rope_theta, rope_scaling=scaling,  # where transformers 4.x reads them
-                rope_parameters={"rope_theta": cfg.rope_theta, **(scaling or {"rope_type": "default"})},
+                head_dim=cfg.n_embd // cfg.n_head, hidden_act="silu",
+                max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps,
+                # RoPE settings twice: transformers 4.x reads the first pair, 5 rope_parameters
+                rope_theta=cfg.rope_theta, rope_scaling=scaling,
+                rope_parameters={"rope_theta": cfg.rope_theta,
+                                 **(scaling or {"rope_type": "default"})},
                 attention_bias=cfg.bias, mlp_bias=cfg.bias, attention_dropout=0.0, **common)
 
 
 def _read_json(path: str) -> dict:
+    """A JSON file as a dict, or FileNotFoundError that says what directory was expected."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found; point to a Hugging Face model directory that has "
-                                "a config.json.")
+        raise FileNotFoundError(f"{path} not found; point to a Hugging Face model directory that "
+                                "has a config.json.")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
 def _load_hf_weights(hf_dir: str) -> dict:
     """All tensors of a HF directory: one file or shards listed in an *.index.json."""
-    for single in ("model.safetensors", "pytorch_model.bin"):
+    for single in ("model.safetensors", "pytorch_model.bin"):  # safetensors first, as HF does
         path = os.path.join(hf_dir, single)
         if os.path.isfile(path):
             files = [path]
         elif os.path.isfile(path + ".index.json"):
             index = path + ".index.json"
-            shards = _read_json(index)["weight_map"].values()
+            shards = _read_json(index)["weight_map"].values()  # tensor name -> shard file
             files = [_shard_path(hf_dir, s, index) for s in sorted(set(map(str, shards)))]
         else:
             continue
@@ -809,19 +940,22 @@ def _load_hf_weights(hf_dir: str) -> dict:
                 try:
                     from safetensors.torch import load_file
                 except ImportError:
-                    raise RuntimeError(f"{f} is in safetensors format and the safetensors package is "
-                                       "missing; install it with pip install safetensors.") from None
+                    raise RuntimeError(f"{f} is in safetensors format and the safetensors "
+                                       "package is missing; install it with pip install "
+                                       "safetensors.") from None
                 sd.update(load_file(f, device="cpu"))
             else:  # never arbitrary pickle: tensors and plain containers only
-                try:
+                try:  # mmap: tensors are paged in from the file as they are read, not copied
                     sd.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
                 except pickle.UnpicklingError:  # torch's own message suggests weights_only=False
-                    raise ValueError(f"{f} holds Python objects besides tensors, and unpickling them could run "
-                                     "arbitrary code, so it is refused; use the model's model.safetensors or a "
-                                     "pytorch_model.bin of plain tensors from a source you trust.") from None
+                    raise ValueError(f"{f} holds Python objects besides tensors, and unpickling "
+                                     "them could run arbitrary code, so it is refused; use the "
+                                     "model's model.safetensors or a pytorch_model.bin of plain "
+                                     "tensors from a source you trust.") from None
         return sd
-    raise FileNotFoundError(f"{hf_dir} holds neither model.safetensors nor pytorch_model.bin (or a sharded "
-                            "index of them); copy the complete Hugging Face model directory there.")
+    raise FileNotFoundError(f"{hf_dir} holds neither model.safetensors nor pytorch_model.bin (or "
+                            "a sharded index of them); copy the complete Hugging Face model "
+                            "directory there.")
 
 
 def _shard_path(hf_dir: str, name: str, index: str) -> str:
@@ -839,6 +973,7 @@ def _shard_path(hf_dir: str, name: str, index: str) -> str:
 
 
 def _write_json(path: str, obj: dict) -> None:
+    """obj as indented JSON with a final newline, as Hugging Face writes its config.json."""
     with open(path, "w", encoding="utf-8") as f:
         f.write(json.dumps(obj, indent=2) + "\n")
 
@@ -850,7 +985,7 @@ def _write_atomic(path: str, write) -> None:
     # subtle: safetensors (0.8, measured) creates its file with mode 0600, not per the umask;
     # give every output the mode open() would, 0666 minus the umask (0644 under umask 022)
     os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
+    os.replace(tmp, path)  # atomic on POSIX and Windows: readers see the old file or the new
 
 
 def _umask() -> int:
@@ -863,6 +998,7 @@ def _umask() -> int:
                     return int(line.split()[1], 8)
     except (OSError, ValueError):
         pass
+    # os.umask returns the old mask while setting a new one; the second call restores it
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -873,6 +1009,7 @@ def _umask() -> int:
 
 
 def main():
+    """Print parameters and training FLOPs per token of every preset, without allocating them."""
     print(f"{'preset':<13} {'style':<6} {'layers':>6} {'nh/nkv':>7} {'C':>5} {'T':>5} {'V':>6} "
           f"{'params':>14} {'non-emb':>14} {'GFLOP/token':>12}")
     for name, kwargs in PRESETS.items():
@@ -880,11 +1017,13 @@ def main():
         with torch.device("meta"):  # sizes only: no memory even for gpt2-xl
             m = GPT(cfg)
         style = "gpt2" if cfg.pos == "learned" else "llama"
-        print(f"{name:<13} {style:<6} {cfg.n_layer:>6} {f'{cfg.n_head}/{cfg.n_kv_head}':>7} {cfg.n_embd:>5} "
-              f"{cfg.block_size:>5} {cfg.vocab_size:>6} {m.num_params(False):>14,} {m.num_params(True):>14,} "
-              f"{m.flops_per_token() / 1e9:>12.3f}")
-    print("params counts every tensor once (tied head = wte); non-emb leaves out wpe and an untied wte;"
-          "\nGFLOP/token = 6 * non-emb + 12 * layers * C * T (training, PaLM appendix B).")
+        heads = f"{cfg.n_head}/{cfg.n_kv_head}"
+        print(f"{name:<13} {style:<6} {cfg.n_layer:>6} {heads:>7} {cfg.n_embd:>5} "
+              f"{cfg.block_size:>5} {cfg.vocab_size:>6} {m.num_params(False):>14,} "
+              f"{m.num_params(True):>14,} {m.flops_per_token() / 1e9:>12.3f}")
+    print("params counts every tensor once (tied head = wte); non-emb leaves out wpe and an "
+          "untied wte;\nGFLOP/token = 6 * non-emb + 12 * layers * C * T (training, PaLM "
+          "appendix B).")
 
 
 if __name__ == "__main__":
