@@ -208,31 +208,23 @@ def test_tokenizer_parallel_count_equals_serial():
 def test_tokenizer_merges_with_incremental_counts_equal_naive_recount():
     # The incremental pair bookkeeping against the obvious algorithm: recount every pair, every merge.
     corpus = ["aaaa bbbb abab aabb", "abababab aaaaaaa", "the cat sat on the mat", "ab ab ab aaa"]
+    # The reference is tokenizer.learn_merges_naive (the teaching version beside the fast one):
+    # lists of ints, recounted from scratch each merge; it shares no code with learn_merges.
     counts, _ = tokenizer.count_chunks(corpus, tokenizer.GPT2_PATTERN)
     fast = tokenizer.learn_merges(counts, 30)
-    words = {chunk: list(chunk) for chunk in counts}
-    naive = []
-    for new_id in range(256, 256 + 30):
-        stats = {}
-        for chunk, word in words.items():
-            for pair in zip(word, word[1:]):
-                stats[pair] = stats.get(pair, 0) + counts[chunk]
-        if not stats:
-            break
-        best = min(stats, key=lambda p: (-stats[p], p))
-        naive.append(best)
-        for chunk, word in words.items():
-            out, i = [], 0
-            while i < len(word):
-                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
-                    out.append(new_id)
-                    i += 2
-                else:
-                    out.append(word[i])
-                    i += 1
-            words[chunk] = out
-    # the naive loop may merge a pair whose bytes already exist (ours skips those); none here
+    naive = tokenizer.learn_merges_naive(counts, 30)
+    # both skip a pair whose bytes already have an id; none here
     assert fast == naive[:len(fast)] and len(fast) == len(naive)
+    # the worked example of learn_merges_naive's docstring (Wikipedia's aaabdaaabac)
+    example = {b"aaabdaaabac": 1}
+    assert tokenizer.learn_merges_naive(example, 3) == tokenizer.learn_merges(example, 3) == [
+        (97, 97), (97, 98), (256, 257)]
+    # random corpora with many ties and runs (a, aa, aaa...), until no pair is left to merge
+    rng = random.Random(5)
+    for _ in range(300):
+        chunks = {"".join(rng.choice("aab") for _ in range(rng.randint(1, 10))).encode(): rng.randint(1, 9)
+                  for _ in range(rng.randint(1, 6))}
+        assert tokenizer.learn_merges(chunks, 40) == tokenizer.learn_merges_naive(chunks, 40), chunks
 
 
 def test_tokenizer_specials_cannot_be_injected():
@@ -383,6 +375,56 @@ def test_tokenizer_read_texts_skips_binary_and_counts_invalid_utf8(tmp_path):
         list(tokenizer.read_texts(str(empty)))
 
 
+def test_tokenizer_text_file_rule_is_the_one_prepare_uses(tmp_path):
+    # One definition of "a text file" (tokenizer.py), used by read_texts and by prepare.py.
+    assert tokenizer.TEXT_SUFFIXES == (".txt", ".md", ".py") and tokenizer.SNIFF_BYTES == 8192
+    assert prepare.TEXT_SUFFIXES == tokenizer.TEXT_SUFFIXES + (".jsonl",)
+    assert prepare.is_binary is tokenizer.is_binary and prepare.read_text_file is tokenizer.read_text_file
+    # binary: a NUL, or more than 10% control bytes, within the first 8 KB
+    assert tokenizer.is_binary(b"a" * 90 + b"\x01" * 10) is False  # 10%: still text
+    assert tokenizer.is_binary(b"a" * 89 + b"\x01" * 11) is True
+    assert tokenizer.is_binary(b"a" * 8192 + b"\x00") is False  # past the 8 KB sniffed
+    assert tokenizer.is_binary(b"\x89PNG\r\n\x1a\n\x00\x00") and not tokenizer.is_binary(b"caf\xc3\xa9\n")
+    assert tokenizer.is_binary("hello".encode("utf-16"))  # UTF-16 is skipped, not read as garbage
+    assert tokenizer.decode_text(b"a\xffb") == ("a\ufffdb", 1)
+    assert tokenizer.decode_text("\ufffd ok".encode()) == ("\ufffd ok", 0)  # a U+FFFD the file holds
+    assert tokenizer.decode_text(b"\xef\xbf\xbd\xff\r\n") == ("\ufffd\ufffd\r\n", 1)  # \r kept
+    (tmp_path / "ctl.txt").write_bytes(b"\x1b[0m\x07" * 100)  # control codes, no NUL
+    (tmp_path / "a.md").write_bytes(b"kept\n")
+    (tmp_path / "b.rst").write_bytes(b"not a text suffix\n")
+    (tmp_path / ".hidden.txt").write_bytes(b"hidden\n")
+    for folder in (".git", "__pycache__", "skipme"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.txt").write_bytes(b"left out\n")
+    assert tokenizer.read_text_file(str(tmp_path / "ctl.txt")) == (None, 500, 0)
+    assert [rel for rel, _, _ in tokenizer.list_text_files(str(tmp_path), skip_dirs=("skipme",))] == [
+        "a.md", "ctl.txt"]
+    stats = {"files": 0, "binary_skipped": 0, "invalid_utf8_files": 0}
+    assert list(tokenizer.read_texts(str(tmp_path), stats, skip_dirs=("skipme",))) == ["kept\n"]
+    assert stats == {"files": 1, "binary_skipped": 1, "invalid_utf8_files": 0}
+
+
+def test_tokenizer_split_patterns_are_openais():
+    # The patterns are written one commented alternative per line; joined, they must be exactly
+    # the published strings (GPT-2's, as tiktoken first wrote it; cl100k_base), restated whole.
+    assert tokenizer.GPT2_PATTERN == r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    assert tokenizer.GPT4_PATTERN == (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}|"""
+                                      r""" ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""")
+    # the examples the comments give
+    import regex
+    assert regex.findall(tokenizer.GPT4_PATTERN, "2024 it'S\n    x") == ["202", "4", " it", "'S", "\n", "   ", " x"]
+    assert regex.findall(tokenizer.GPT2_PATTERN, "a  world\nb") == ["a", " ", " world", "\n", "b"]
+
+
+def test_tokenizer_docstring_examples_hold():
+    # STYLE.md rule 5: the worked examples in tokenizer.py's and prepare.py's docstrings
+    from collections import Counter
+    assert tokenizer._count_chunks((["ab ab", "ab"], tokenizer.GPT2_PATTERN)) == (Counter({b"ab": 2, b" ab": 1}), 7)
+    assert tokenizer._parse_rank_lines(["IQ== 0", "Ig== 1", ""]) == {b"!": 0, b'"': 1}
+    assert prepare._stem("/x/My Notes.txt") == "My_Notes"
+    assert int(np.array([70000]).astype(np.uint16)[0]) == 4464  # why write_shard checks before the cast
+
+
 @dataclasses.dataclass
 class _TokenizerDemoConfig:
     learning_rate: float = 1e-3  # step size
@@ -390,6 +432,8 @@ class _TokenizerDemoConfig:
     compile: bool = False  # torch.compile
     name: str = "x"  # a name
     limit: int | None = None  # optional cap
+    note: str = ""  # a comment too long for one line
+                    # goes on under the first one
 
 
 def test_tokenizer_parse_config_types_and_errors(capsys):
@@ -405,6 +449,7 @@ def test_tokenizer_parse_config_types_and_errors(capsys):
         parse_config(_TokenizerDemoConfig, ["-h"])
     out = capsys.readouterr().out
     assert e.value.code == 0 and "--learning_rate=0.001" in out and "step size" in out and "optional cap" in out
+    assert "a comment too long for one line goes on under the first one" in out
 
 
 def test_tokenizer_cli_train_encode_stats(tmp_path):
@@ -561,6 +606,27 @@ def test_prepare_choose_dtype():
     assert prepare.choose_dtype(300, "uint32") == np.uint32
     with pytest.raises(ValueError, match="too many for --dtype=uint16"):
         prepare.choose_dtype(100277, "uint16")
+
+
+def test_prepare_numbers_its_comments_state():
+    # STYLE.md rule 5: the numbers prepare.py's comments give, recomputed from the code.
+    # "Why 4096" (PrepareConfig): train.py's CPU model at each vocabulary, and the stated ratios.
+    cpu = train.CPU_MODEL
+    assert (cpu["n_layer"], cpu["n_embd"], cpu["block_size"], cpu["tie_embeddings"]) == (4, 128, 64, True)
+    bytes_per_token = {1024: 2.50, 2048: 2.92, 4096: 3.30, 8192: 3.64}  # measured on the stdlib val split
+    mflop = {v: GPT(GPTConfig(vocab_size=v, **cpu)).flops_per_token() / 1e6 for v in bytes_per_token}
+    assert [round(mflop[v], 1) for v in bytes_per_token] == [6.3, 7.1, 8.7, 11.8]
+    per_byte = {v: mflop[v] / bytes_per_token[v] for v in bytes_per_token}
+    assert [round(per_byte[v], 2) for v in bytes_per_token] == [2.52, 2.43, 2.62, 3.24]
+    percent = lambda a, b: round(100 * (a / b - 1))
+    assert percent(per_byte[4096], per_byte[2048]) == 8 and percent(bytes_per_token[4096], bytes_per_token[2048]) == 13
+    assert percent(per_byte[8192], per_byte[4096]) == 24 and percent(bytes_per_token[8192], bytes_per_token[4096]) == 10
+    # _hash64's birthday bound and plan_split_move's 18%
+    assert round(100 * 1e9 ** 2 / 2 ** 65) == 3 and f"{1e6 ** 2 / 2 ** 65:.0e}" == "3e-08"
+    assert round(100 * 0.95 ** 33) == 18
+    # the 1024-byte header, llm.c's 1e8 tokens per shard, 1 MB blocks, the uint16 range
+    assert prepare.HEADER_INTS * 4 == 1024 and PrepareConfig().shard_tokens == 10 ** 8
+    assert prepare.BATCH_BYTES == 2 ** 20 and np.iinfo(np.uint16).max == 65535
 
 
 # -----------------------------------------------------------------------------
@@ -1240,9 +1306,15 @@ def test_model_sample_logits_top_k_top_p_temperature():
     a = sample_logits(rows[:50], 1.0, generator=torch.Generator().manual_seed(3))
     b = sample_logits(rows[:50], 1.0, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
-    for bad in (dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)):
+    for bad in (dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)):
         with pytest.raises(ValueError):
             sample_logits(rows[:2], **{"temperature": 1.0, **bad})
+        with pytest.raises(ValueError):  # one rule for every entry point, greedy included
+            model.check_sampling_args(**{"temperature": 0.0, **bad})
+    # top_k=0 and None are both "off", as in sample.py's --top_k=0, and so is top_p=1
+    off = [sample_logits(rows[:50], 1.0, top_k=k, top_p=p, generator=torch.Generator().manual_seed(3))
+           for k, p in ((0, None), (None, 1.0))]
+    assert torch.equal(off[0], a) and torch.equal(off[1], a)
 
 
 @_model_1t
@@ -1267,6 +1339,30 @@ def test_model_generate_eos_and_vocab_limit():
     assert int(sampled[:, 4:].max()) >= 10  # without a limit high ids do appear
     limited = m.generate(idx.repeat(4, 1), 30, temperature=1.5, generator=g, vocab_limit=10)
     assert int(limited[:, 4:].max()) < 10
+
+
+@_model_1t
+def test_model_generate_stream_columns_hook_and_mode():
+    m = _model_build("llama", dropout=0.1).train()
+    idx = torch.randint(0, 61, (2, 4))
+    free = m.generate(idx, 6, temperature=0, vocab_limit=50)
+    assert m.training  # generate switched dropout off only while it ran
+    # the stream yields the same tokens one (B, 1) column at a time
+    stream = m.generate_stream(idx, 6, temperature=0, vocab_limit=50)
+    first = next(stream)
+    assert first.shape == (2, 1) and torch.equal(first, free[:, 4:5]) and not m.training
+    stream.close()  # closed early: the train/eval mode comes back
+    assert m.training
+    # the hook runs after the vocabulary mask, before sampling, and sees every id so far
+    banned, widths = int(free[0, 4]), []
+
+    def hook(logits, so_far):
+        widths.append(so_far.shape[1])
+        assert torch.isinf(logits[:, 50:]).all()  # vocab_limit=50 already applied
+        return logits.index_fill(1, torch.tensor([banned]), float("-inf"))
+
+    out = m.generate(idx, 6, temperature=0, vocab_limit=50, logits_hook=hook)
+    assert widths == [4, 5, 6, 7, 8, 9] and banned not in out[:, 4:].tolist()[0]
 
 
 # ----------------------------------------------------------------------------------------
@@ -1896,6 +1992,8 @@ def test_train_resume_continues_the_clock(_train_data, tmp_path):
     rows = [json.loads(line) for line in open(out / "log.jsonl")]
     first = next(r for r in rows if r["step"] == 4 and "lr" in r)
     assert 0.3 * 3e-3 < first["lr"] < 0.55 * 3e-3 and first["time"] >= 45.0
+    # the rate counts from the resume, not from the run's first token
+    assert first["tok_per_s"] == pytest.approx((first["tokens"] - ck["tokens_seen"]) / first["train_time"])
     # the whole budget already spent: the resumed run stops at once
     s = resume_at(60.0)
     assert s["step"] == 3 and s["stop_reason"] == "reached max_minutes=1.0"
@@ -1906,8 +2004,14 @@ def test_train_nonfinite_reload_refuses_another_runs_checkpoint(_train_data, tmp
     train.train(_train_cfg(data_dir, tmp_path / "other", max_steps=2, eval_interval=2))
     foreign = str(tmp_path / "other" / "ckpt.pt")
     # while this run saves its own ckpt.pt, another run's file takes its place
-    monkeypatch.setitem(train.FAULTS, "before_rename",
-                        lambda tmp: shutil.copyfile(foreign, tmp) if tmp.endswith("ckpt.pt.tmp") else None)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(src).endswith("ckpt.pt.tmp"):
+            shutil.copyfile(foreign, src)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
     monkeypatch.setitem(train.FAULTS, "nan_steps", (3, 4, 5))
     with pytest.raises(RuntimeError, match="not written by this run"):
         train.train(_train_cfg(data_dir, tmp_path / "out", max_steps=8, eval_interval=2))
@@ -2193,7 +2297,7 @@ def test_sample_top_p_mass_rule_and_min_p_on_crafted_distribution(sample_env):
     logits = probs.log().expand(4000, 4).clone()
     g = torch.Generator().manual_seed(0)
     for top_p, allowed in [(0.75, 2), (0.85, 3), (0.97, 4)]:
-        x = sample.sample_logits(logits.clone(), temperature=1.0, top_p=top_p, generator=g)[:, 0]
+        x = sample_logits(logits.clone(), temperature=1.0, top_p=top_p, generator=g)[:, 0]  # model's
         counts = torch.bincount(x, minlength=4).float() / len(x)
         assert set(x.tolist()) == set(range(allowed))  # the smallest prefix with mass >= top_p
         expect = probs[:allowed] / probs[:allowed].sum()  # renormalized inside the nucleus
@@ -2273,6 +2377,14 @@ def test_sample_fit_context_truncates_from_the_left():
     ids, n, warning = sample.fit_context(list(range(3)), block_size=8, max_new_tokens=100)
     assert ids == [0, 1, 2] and n == 5 and "cut to 5" in warning
     assert sample.fit_context([1, 2], 8, 3) == ([1, 2], 3, "")
+
+
+@pytest.mark.parametrize("capability, dtype", [((7, 5), torch.float16), ((8, 0), torch.bfloat16)])
+def test_sample_dtype_auto_is_what_its_help_says(monkeypatch, capability, dtype):
+    # SampleConfig.dtype's comment: bf16 at compute capability >= 8.0, fp16 below, fp32 on CPU
+    assert train.choose_device(sample.SampleConfig(device="cpu"))[1] == torch.float32
+    _train_fake_cuda(monkeypatch, capability, [])
+    assert train.choose_device(sample.SampleConfig())[1] == dtype
 
 
 def test_sample_cli_greedy_prints_prompt_and_reference_continuation(sample_env, capsys):
@@ -2419,7 +2531,8 @@ def test_sample_refuses_a_tokenizer_the_checkpoint_was_not_trained_with(sample_e
 
 # Tests for bench.py: budget arithmetic against hand-computed values, the multiple-choice
 # scorer on a model whose answer is certain and against a row-by-row reference, bits per byte
-# against an independent window loop, and toy-size speed, ladder and inference runs.
+# against an independent window loop, toy-size speed, ladder and inference runs, and the
+# numbers bench.py's comments state (defaults, padding, matmul FLOPs, mode precedence).
 
 
 _BENCH_MC = os.path.join(os.path.dirname(os.path.abspath(bench.__file__)), "evals", "mc_tiny.jsonl")
@@ -2718,6 +2831,43 @@ def test_bench_inference_cache_agrees():
         bench.measure_inference(model, 1, 40, 16, torch.device("cpu"))
 
 
+def test_bench_matmul_peak_counts_2n3_flops(monkeypatch):
+    # measure_matmul_peak's comment: n^3 multiply-adds at 2 FLOPs each, over the fastest try.
+    # A fake clock that advances 0.5 s per reading makes every try take exactly 0.5 s.
+    clock = iter(range(10**6))
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: 0.5 * next(clock))
+    monkeypatch.setattr(bench, "_MATMUL_PEAK", {})  # a fresh cache, restored afterwards
+    assert bench.measure_matmul_peak(torch.device("cpu"), n=8, reps=3) == 2 * 8 ** 3 / 0.5
+
+
+def test_bench_config_defaults_match_their_comments():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object makes no CUDA call
+    assert bench.default_batch(cuda) == 8 and bench.default_batch(cpu) == 4  # batch_size's comment
+    default = bench.BenchConfig()  # preset's comment: "" = gpt2 on CUDA, cpu-1m elsewhere
+    gpt2 = bench.resolve_model_config(default, cuda)
+    assert gpt2 == GPTConfig(**PRESETS["gpt2"]) and gpt2.vocab_size == 50257  # vocab_size's
+    assert bench.resolve_model_config(default, cpu) == GPTConfig(**PRESETS["cpu-1m"])
+    # speed_recipe's docstring: GPT-2's 50257 padded to a multiple of 64 is nanoGPT's 50304
+    recipe = bench.speed_recipe(default, cpu, torch.float32, gpt2)
+    assert recipe.vocab_size == 50304 == 64 * 786 and recipe.batch_size == 4
+
+
+def test_bench_mode_table_and_precedence():
+    # BenchConfig's comment: when several are set, eval wins, then budget, ladder, infer
+    C = bench.BenchConfig
+    assert set(bench.MODES) == {"train", "ladder", "infer", "budget", "bpb", "mc"}
+    assert bench.choose_mode(C()) == "train" and bench.choose_mode(C(infer=True)) == "infer"
+    assert bench.choose_mode(C(ladder=True, infer=True)) == "ladder"
+    assert bench.choose_mode(C(budget=True, ladder=True, infer=True)) == "budget"
+    assert bench.choose_mode(C(eval="mc", budget=True, ladder=True)) == "mc"
+    with pytest.raises(ValueError, match="bpb or mc"):
+        bench.choose_mode(C(eval="ppl"))
+    # a budget with an assumed MFU is arithmetic: no device is chosen for it
+    res = bench.run(C(budget=True, params=1e9, gpus="H100"))
+    assert res["device"] == "cpu" and res["device_reason"] == "the budget is arithmetic"
+    assert res["mode"] == "budget" and "model_config" not in res  # --params: no model behind it
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_bench_cuda_speed_has_mfu():
     dev = torch.device("cuda")
@@ -3003,7 +3153,11 @@ def die(tmp):
     if mode == "half":
         os.truncate(tmp, os.path.getsize(tmp) // 2)
     os.kill(os.getpid(), signal.SIGKILL)
-train.FAULTS["before_rename"] = die
+real_replace = os.replace
+def replace(src, dst):  # tokenizer.atomic_write renames every finished file through here
+    die(str(src))
+    return real_replace(src, dst)
+os.replace = replace
 print("ready", flush=True)
 train.main(argv)
 """

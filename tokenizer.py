@@ -13,6 +13,7 @@ punctuation runs, whitespace runs) so merges never cross, say, a word and the sp
 
 Run it:
     python tokenizer.py train --input=path/to/dir_or_file --vocab_size=8192 --out=tokenizer.bpe
+    python tokenizer.py train --input=README.md --vocab_size=300 --out=tiny.bpe  # a tiny run: <1 s
     python tokenizer.py encode --tokenizer=tokenizer.bpe "def hello(): return 42"
     python tokenizer.py stats --tokenizer=tokenizer.bpe --input=some_file.py
     python tokenizer.py bench --vocab_size=8192    # training time vs Hugging Face tokenizers
@@ -26,7 +27,9 @@ Use it:
 What it simplifies, and where the speed comes from:
 - Training runs in pure Python, but it counts each distinct chunk once (a corpus of 31 MB of
   Python has ~120k distinct chunks), keeps pair counts up to date incrementally, touches only
-  the chunks that contain the pair being merged, and picks the best pair from a heap.
+  the chunks that contain the pair being merged, and picks the best pair from a heap
+  (learn_merges). learn_merges_naive is the textbook loop that recounts every pair on every
+  merge, kept beside it for reading; the tests prove the two learn the same merges.
 - Encoding goes through tiktoken (Rust) built from our learned ranks. `encode_slow` does the
   same thing in a dozen lines of Python, for reading, and the tests prove they agree.
 
@@ -57,13 +60,26 @@ import tiktoken
 # -----------------------------------------------------------------------------
 # Split patterns and special tokens
 
-# The regex that cuts text into chunks before BPE. These two are facts from OpenAI's releases.
+# The regex that cuts text into chunks before BPE. These two are facts from OpenAI's releases,
+# as tiktoken first published them (GPT-2's encoder.py with its contractions grouped; cl100k_base;
+# later tiktoken versions use equivalent, faster forms). Written one alternative per line; the
+# regex tries them left to right at each position. A test restates both strings whole.
 # "gpt2": letters, numbers and punctuation runs each keep one leading space (" world").
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+GPT2_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)|"""  # the English contractions 's 'd 'm 't 'll 've 're
+                r""" ?\p{L}+| ?\p{N}+|"""  # a run of letters, or of digits, with one leading space
+                r""" ?[^\s\p{L}\p{N}]+|"""  # a run of punctuation and symbols, the same way
+                r"""\s+(?!\S)|"""  # whitespace, leaving its last space to the word after it
+                r"""\s+""")  # any other whitespace: a newline or tab right before a word
 # "gpt4" (cl100k_base): case-insensitive contractions, numbers in groups of at most 3 digits
 # (so "2024" is "202" + "4" and arithmetic sees regular pieces), newlines kept apart from
 # indentation. This is the default: it compresses code better than the gpt2 split.
-GPT4_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|"""  # contractions in any case: 'S 'll 'RE
+                r"""[^\r\n\p{L}\p{N}]?+\p{L}+|"""  # a word with one optional leading non-letter
+                r"""\p{N}{1,3}|"""  # 1-3 digits: "2024" -> "202", "4"
+                r""" ?[^\s\p{L}\p{N}]++[\r\n]*|"""  # punctuation, then the newlines right after it
+                r"""\s*[\r\n]|"""  # whitespace up to a line end: "\n" stays apart from indentation
+                r"""\s+(?!\S)|"""  # as in gpt2: the last space goes to the word after it
+                r"""\s+""")  # any other whitespace
 PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
 
 # The same two patterns for pure-ASCII text, where \p{L} is [A-Za-z], \p{N} is [0-9] and \s is
@@ -71,11 +87,13 @@ PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
 # \x1c-\x1f as \s, the regex module and tiktoken do not, hence the explicit class.) The standard
 # library's re runs these about 2.5x faster than the regex module runs the originals, and most
 # code is ASCII, so training uses them wherever text.isascii(); a test proves they split alike.
-_S, _NS = r"[\t\n\x0b\x0c\r ]", r"[^\t\n\x0b\x0c\r ]"
+_SPACE, _NOT_SPACE = r"[\t\n\x0b\x0c\r ]", r"[^\t\n\x0b\x0c\r ]"
 ASCII_PATTERNS = {
-    GPT2_PATTERN: rf"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+| ?[^\t\n\x0b\x0c\r A-Za-z0-9]+|{_S}+(?!{_NS})|{_S}+""",
-    GPT4_PATTERN: (rf"""'(?i:[sdmt]|ll|ve|re)|[^\r\nA-Za-z0-9]?+[A-Za-z]+|[0-9]{{1,3}}| ?[^\t\n\x0b\x0c\r A-Za-z0-9]++[\r\n]*|"""
-                   rf"""{_S}*[\r\n]|{_S}+(?!{_NS})|{_S}+"""),
+    GPT2_PATTERN: (rf"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+| ?[^\t\n\x0b\x0c\r A-Za-z0-9]+|"""
+                   rf"""{_SPACE}+(?!{_NOT_SPACE})|{_SPACE}+"""),
+    GPT4_PATTERN: (rf"""'(?i:[sdmt]|ll|ve|re)|[^\r\nA-Za-z0-9]?+[A-Za-z]+|[0-9]{{1,3}}|"""
+                   rf""" ?[^\t\n\x0b\x0c\r A-Za-z0-9]++[\r\n]*|"""
+                   rf"""{_SPACE}*[\r\n]|{_SPACE}+(?!{_NOT_SPACE})|{_SPACE}+"""),
 }
 
 # Special tokens are control symbols, not text. They get ids after the merges and are always
@@ -87,7 +105,7 @@ ASCII_PATTERNS = {
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHAT_ROLES = ("system", "user", "assistant")
 
-FILE_HEADER = "tokenizer.py bpe v1"  # first line of a saved tokenizer; bump the version on format changes
+FILE_HEADER = "tokenizer.py bpe v1"  # a saved tokenizer's first line; bump on format changes
 
 
 def resolve_pattern(pattern: str) -> str:
@@ -97,7 +115,8 @@ def resolve_pattern(pattern: str) -> str:
     try:
         regex.compile(pattern)
     except regex.error as e:
-        raise ValueError(f"pattern {pattern!r} is neither 'gpt2', 'gpt4' nor a valid regex ({e})") from None
+        raise ValueError(f"pattern {pattern!r} is neither 'gpt2', 'gpt4' nor a valid regex "
+                         f"({e})") from None
     return pattern
 
 
@@ -112,7 +131,8 @@ def _count_chunks(job: tuple) -> tuple:
     """
     texts, pattern = job
     split = regex.compile(pattern).findall
-    split_ascii = re.compile(ASCII_PATTERNS[pattern]).findall if pattern in ASCII_PATTERNS else split
+    ascii_pattern = ASCII_PATTERNS.get(pattern)  # None for a custom regex: no fast twin known
+    split_ascii = re.compile(ascii_pattern).findall if ascii_pattern else split
     # Special-token strings never take part in training: a document that contains the literal
     # text "<|endoftext|>" is cut there, so no merge ever learns to spell a control token.
     cut = regex.compile("|".join(regex.escape(s) for s in SPECIAL_TOKENS)).split
@@ -120,6 +140,7 @@ def _count_chunks(job: tuple) -> tuple:
     for text in texts:
         for part in (cut(text) if "<|" in text else (text,)):
             counts.update(split_ascii(part) if part.isascii() else split(part))
+    # Bytes, not str: BPE merges bytes, so a 3-byte character like "€" starts as 3 tokens.
     return Counter({chunk.encode("utf-8"): n for chunk, n in counts.items()}), sum(map(len, texts))
 
 
@@ -139,8 +160,9 @@ def _batches(texts, max_chars: int = 1 << 20):
 def count_chunks(texts, pattern: str, num_proc: int | None = None) -> tuple:
     """Count the distinct chunks of all documents -> (Counter of chunk bytes, total characters).
 
-    The regex split is the slowest step of training, so with more than one batch of text it runs on num_proc processes (default: all cores). Documents stream
-    through in batches; memory grows with the number of distinct chunks, not with the corpus.
+    The regex split is the slowest step of training, so with more than one batch of text it
+    runs on num_proc processes (default: all cores). Documents stream through in batches;
+    memory grows with the number of distinct chunks, not with the corpus.
     """
     jobs = ((batch, pattern) for batch in _batches([texts] if isinstance(texts, str) else texts))
     head = list(itertools.islice(jobs, 2))
@@ -156,6 +178,7 @@ def count_chunks(texts, pattern: str, num_proc: int | None = None) -> tuple:
     # elsewhere (macOS, Windows) the safe default is "spawn", which re-imports this file.
     ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     with ctx.Pool(num_proc) as pool:
+        # unordered is safe: adding Counters commutes, so the result does not depend on it
         for part, n in pool.imap_unordered(_count_chunks, itertools.chain(head, jobs)):
             chunks.update(part)
             total += n
@@ -165,34 +188,74 @@ def count_chunks(texts, pattern: str, num_proc: int | None = None) -> tuple:
 # -----------------------------------------------------------------------------
 # Training, step 2: merge the most frequent pair, again and again
 
+def learn_merges_naive(chunk_counts: dict, n_merges: int) -> list:
+    """The textbook BPE loop, for reading: recount every pair, merge the best, repeat.
+
+    BPE as Sennrich et al. 2016 (section 3.2, their Algorithm 1) and minbpe's basic.py run it:
+    before every merge, count every adjacent pair of the whole corpus (here: of every distinct
+    chunk, times how often the chunk occurs), then merge the most frequent pair everywhere.
+    Same rule as learn_merges, so the same merges (a test checks it):
+
+        {b"aaabdaaabac": 1}, 3 merges -> [(97, 97), (97, 98), (256, 257)]
+          a a a b d a a a b a c   "aa" occurs 4 times: it becomes 256 (call it Z)
+          Z a b d Z a b a c       "ab" and "Za" tie at 2: the smaller pair (97, 98) -> 257 (Y)
+          Z Y d Z Y a c           "ZY" occurs twice -> 258, and the text reads X d X a c
+
+    Why learn_merges exists: this loop's cost is (number of merges) x (size of the corpus),
+    because one merge changes only the pairs next to it yet all of them are counted again.
+    Thousands of merges on a real corpus take this loop minutes where learn_merges, which
+    updates the counts it changes and takes the best pair from a heap, takes seconds.
+    """
+    words = {chunk: list(chunk) for chunk in chunk_counts}  # chunk bytes -> its current ids
+    vocab = {i: bytes([i]) for i in range(256)}  # id -> the bytes it spells
+    merges = []
+    while len(merges) < n_merges:
+        pair_counts = Counter()  # (left id, right id) -> occurrences in the whole corpus
+        for chunk, ids in words.items():
+            for pair in zip(ids, ids[1:]):
+                pair_counts[pair] += chunk_counts[chunk]
+        # subtle: a pair that spells bytes a token already has ("a"+"bc" after "ab"+"c") is
+        # never merged: each byte string must have exactly one id (tiktoken requires it).
+        known = set(vocab.values())
+        candidates = [p for p in pair_counts if vocab[p[0]] + vocab[p[1]] not in known]
+        if not candidates:
+            break  # no pair is left that would make a new token: the corpus is used up
+        # the highest count wins; among equal counts the smallest (left id, right id)
+        best = min(candidates, key=lambda p: (-pair_counts[p], p))
+        new_id = 256 + len(merges)
+        merges.append(best)
+        vocab[new_id] = vocab[best[0]] + vocab[best[1]]
+        for ids in words.values():  # replace every occurrence, left to right, never overlapping
+            i = 0
+            while i < len(ids) - 1:
+                if (ids[i], ids[i + 1]) == best:
+                    ids[i:i + 2] = [new_id]  # "a a a" with (a, a) -> "Z a", as str.replace does
+                i += 1
+    return merges
+
+
 def learn_merges(chunk_counts: dict, n_merges: int, verbose: bool = False) -> list:
-    """Learn up to n_merges merges from {chunk bytes: count}. Returns [(left_id, right_id), ...];
-    merge i creates token id 256 + i.
-
-    The rule: merge the pair with the highest count; among equal counts, the smallest
-    (left id, right id). Counts do not depend on the order of the documents, and neither does
-    this tie-break, so the result is a function of the corpus alone.
-
-    Speed: the naive loop recounts every pair of the corpus for every merge. Here we
-      - work on distinct chunks ("words"), each weighted by how often it occurs;
+    """Learn up to n_merges merges from {chunk bytes: count}: [(left_id, right_id), ...], merge
+    i creating id 256 + i. The rule and result of learn_merges_naive (the highest count wins,
+    ties go to the smallest pair: a function of the corpus, not of document order), but fast:
       - keep pair counts (stats) up to date: a merge only changes the pairs right next to each
         occurrence, in the words that contain it (where[pair] lists them);
-      - take the best pair from a max-heap. Counts of old pairs only ever go down after a merge,
-        so a heap entry may be stale (too high): when popped, it is checked against stats and
-        pushed back with the true count ("lazy refresh"). Pairs with the new token are pushed fresh;
+      - take the best pair from a max-heap. Counts of old pairs only ever go down after a
+        merge, so a heap entry may be stale (too high): when popped, it is checked against
+        stats and pushed back with the true count ("lazy refresh"); new pairs are pushed fresh;
       - spell each word as a str with one character per token, chr(id), so that finding a pair
         (str.find) and merging it everywhere in a word (str.replace) run at C speed. A pair is
         then a 2-character string, and comparing those compares (left id, right id).
     """
-    words = ["".join(map(chr, chunk)) for chunk in chunk_counts]  # b"hi" -> "hi": chr(id) per token
+    words = ["".join(map(chr, chunk)) for chunk in chunk_counts]  # b"hi" -> "hi": chr(id) a token
     counts = list(chunk_counts.values())  # how often each word occurs in the corpus
     stats = defaultdict(int)  # pair (2-char str) -> weighted count of that adjacent pair
     where = defaultdict(set)  # pair -> indices of words that (may) contain it
-    for wi, (word, count) in enumerate(zip(words, counts)):
+    for index, (word, count) in enumerate(zip(words, counts)):
         for j in range(len(word) - 1):
             stats[word[j:j + 2]] += count
-            where[word[j:j + 2]].add(wi)
-    heap = [(-count, pair) for pair, count in stats.items()]
+            where[word[j:j + 2]].add(index)
+    heap = [(-count, pair) for pair, count in stats.items()]  # heapq is a min-heap: negate
     heapq.heapify(heap)
     vocab = [bytes([i]) for i in range(256)]  # id -> bytes, grows with every merge
     known = set(vocab)  # byte strings that already have an id
@@ -200,56 +263,56 @@ def learn_merges(chunk_counts: dict, n_merges: int, verbose: bool = False) -> li
     t0 = time.time()
     while len(merges) < n_merges and heap:
         # -- pop the best pair, refreshing stale entries on the way
-        neg, pair = heapq.heappop(heap)
+        neg_count, pair = heapq.heappop(heap)
         count = stats.get(pair, 0)
         if count <= 0:
             continue
-        if count != -neg:
+        if count != -neg_count:
             heapq.heappush(heap, (-count, pair))
             continue
-        a, b = ord(pair[0]), ord(pair[1])
+        left, right = ord(pair[0]), ord(pair[1])
         # subtle: two different pairs can spell the same bytes ("a"+"bc" and "ab"+"c").
         # tiktoken (and the byte-level encoder) need each byte string to have one id, so the
         # second spelling is never merged.
-        if vocab[a] + vocab[b] in known:
+        if vocab[left] + vocab[right] in known:
             stats[pair] = 0
             continue
-        new_id = len(vocab)
-        merges.append((a, b))
-        vocab.append(vocab[a] + vocab[b])
+        merges.append((left, right))
+        vocab.append(vocab[left] + vocab[right])
         known.add(vocab[-1])
         # -- in every word with the pair, move the counts of its neighbours:
-        # "x a b y" -> "x N y" takes (x,a) and (b,y) away and adds (x,N) and (N,y)
-        N = chr(new_id)
-        fresh = set()  # pairs that contain N: their counts are final only after the loop
-        for wi in where.pop(pair):
-            word = words[wi]
+        # "x a b y" -> "x M y" takes (x,a) and (b,y) away and adds (x,M) and (M,y)
+        merged = chr(len(vocab) - 1)  # M, the new token as one character
+        fresh = set()  # pairs that contain M: their counts are final only after the loop
+        for index in where.pop(pair):
+            word = words[index]
             j = word.find(pair)
             if j < 0:
                 continue  # stale entry: an earlier merge already took the pair from this word
-            c, n, prev_end = counts[wi], len(word), -1
+            weight, length, prev_end = counts[index], len(word), -1
             while j >= 0:
                 nxt = word.find(pair, j + 2)  # occurrences do not overlap, as in str.replace
-                if j > 0:  # left neighbour x; it is N itself when the previous occurrence ends here
-                    stats[word[j - 1:j + 1]] -= c
-                    new = (N if prev_end == j else word[j - 1]) + N
-                    stats[new] += c
-                    fresh.add(new)
-                    where[new].add(wi)
+                if j > 0:  # left neighbour x; it is M itself when the previous occurrence ends here
+                    stats[word[j - 1:j + 1]] -= weight
+                    new_pair = (merged if prev_end == j else word[j - 1]) + merged
+                    stats[new_pair] += weight
+                    fresh.add(new_pair)
+                    where[new_pair].add(index)
                 k = j + 2
-                if k < n and nxt != k:  # right neighbour y, unless y starts the next occurrence
-                    stats[word[k - 1:k + 1]] -= c  # (whose left-neighbour step counts (N, N))
-                    new = N + word[k]
-                    stats[new] += c
-                    fresh.add(new)
-                    where[new].add(wi)
+                if k < length and nxt != k:  # right neighbour y, unless y starts the next
+                    stats[word[k - 1:k + 1]] -= weight  # occurrence (whose left step counts (M, M))
+                    new_pair = merged + word[k]
+                    stats[new_pair] += weight
+                    fresh.add(new_pair)
+                    where[new_pair].add(index)
                 prev_end, j = k, nxt
-            words[wi] = word.replace(pair, N)
+            words[index] = word.replace(pair, merged)
         del stats[pair]
-        for new in fresh:
-            heapq.heappush(heap, (-stats[new], new))
+        for new_pair in fresh:
+            heapq.heappush(heap, (-stats[new_pair], new_pair))
         if verbose and len(merges) % 1000 == 0:
-            print(f"  merge {len(merges):6d}/{n_merges}: {vocab[-1]!r} ({-neg} times), {time.time() - t0:.1f}s")
+            print(f"  merge {len(merges):6d}/{n_merges}: {vocab[-1]!r} ({-neg_count} times), "
+                  f"{time.time() - t0:.1f}s")
     return merges
 
 
@@ -263,13 +326,14 @@ class Tokenizer:
     the adjacent pair whose joined bytes have the lowest id first. Ids 0..255 are the bytes.
     """
 
-    def __init__(self, ranks: dict, pattern: str = "gpt4", special_tokens: dict | None = None, name: str = "bpe"):
+    def __init__(self, ranks: dict, pattern: str = "gpt4", special_tokens: dict | None = None,
+                 name: str = "bpe"):
         self.pattern = resolve_pattern(pattern)  # the split regex itself
         self.ranks = dict(ranks)  # bytes -> id, the mergeable tokens (tiktoken's "mergeable_ranks")
         missing = [b for b in range(256) if bytes([b]) not in self.ranks]
         if missing:
-            raise ValueError(f"the vocabulary lacks {len(missing)} of the 256 single bytes (e.g. {missing[0]}); "
-                             "a byte-level BPE needs them all to encode any text")
+            raise ValueError(f"the vocabulary lacks {len(missing)} of the 256 single bytes (e.g. "
+                             f"{missing[0]}); a byte-level BPE needs them all to encode any text")
         if len(set(self.ranks.values())) != len(self.ranks):
             raise ValueError("the vocabulary gives the same id to two different byte strings")
         # Special tokens: keep the given ones, then add any of ours that are missing after the
@@ -277,26 +341,30 @@ class Tokenizer:
         specials = dict(special_tokens or {})
         taken = set(self.ranks.values()) | set(specials.values())
         if len(taken) != len(self.ranks) + len(specials):
-            raise ValueError("a special token's id collides with a mergeable token or another special token")
+            raise ValueError("a special token's id collides with a mergeable token or another "
+                             "special token")
         next_id = max(taken) + 1
         for s in SPECIAL_TOKENS:
             if s not in specials:
                 specials[s] = next_id
                 next_id += 1
         self.special_tokens = specials  # name -> id
-        self.n_vocab = max(max(self.ranks.values()), max(specials.values())) + 1  # ids run 0..n_vocab-1 (gaps possible for imported vocabularies)
+        # ids run 0..n_vocab-1 (an imported vocabulary may leave gaps: an embedding row each)
+        self.n_vocab = max(max(self.ranks.values()), max(specials.values())) + 1
         self.eot_id = specials["<|endoftext|>"]
         self.pad_id = specials["<|pad|>"]
         self.vocab = {i: b for b, i in self.ranks.items()}  # id -> bytes
         self.vocab.update({i: s.encode("utf-8") for s, i in specials.items()})
         # The fast path: tiktoken's Rust BPE with exactly our ranks, pattern and specials.
-        self._enc = tiktoken.Encoding(name, pat_str=self.pattern, mergeable_ranks=self.ranks, special_tokens=specials)
+        self._enc = tiktoken.Encoding(name, pat_str=self.pattern, mergeable_ranks=self.ranks,
+                                      special_tokens=specials)
         self._split = regex.compile(self.pattern)
 
     # -- training ------------------------------------------------------------------------------
 
     @classmethod
-    def train(cls, texts, vocab_size: int, pattern: str = "gpt4", verbose: bool = False, num_proc: int | None = None) -> "Tokenizer":
+    def train(cls, texts, vocab_size: int, pattern: str = "gpt4", verbose: bool = False,
+              num_proc: int | None = None) -> "Tokenizer":
         """Learn a vocabulary of vocab_size ids in all: 256 bytes + merges + special tokens.
 
         texts: one str, or an iterable of documents (str); documents are never merged across.
@@ -304,8 +372,9 @@ class Tokenizer:
         pattern = resolve_pattern(pattern)
         n_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
         if n_merges < 0:
-            raise ValueError(f"vocab_size={vocab_size} is too small: it must hold the 256 byte tokens and "
-                             f"{len(SPECIAL_TOKENS)} special tokens, so at least {256 + len(SPECIAL_TOKENS)}")
+            raise ValueError(f"vocab_size={vocab_size} is too small: it must hold the 256 byte "
+                             f"tokens and {len(SPECIAL_TOKENS)} special tokens, so at least "
+                             f"{256 + len(SPECIAL_TOKENS)}")
         t0 = time.time()
         chunk_counts, n_chars = count_chunks(texts, pattern, num_proc)
         if not chunk_counts:
@@ -313,13 +382,15 @@ class Tokenizer:
         t1 = time.time()
         merges = learn_merges(chunk_counts, n_merges, verbose=verbose)
         if verbose:
-            print(f"split {n_chars / 1e6:.1f}M characters into {len(chunk_counts):,} distinct chunks in {t1 - t0:.1f}s; "
-                  f"learned {len(merges):,} merges in {time.time() - t1:.1f}s")
+            print(f"split {n_chars / 1e6:.1f}M characters into {len(chunk_counts):,} distinct "
+                  f"chunks in {t1 - t0:.1f}s; learned {len(merges):,} merges in "
+                  f"{time.time() - t1:.1f}s")
         if len(merges) < n_merges and verbose:
-            print(f"note: the corpus only supports {len(merges)} merges, so the vocabulary is smaller than asked")
+            print(f"note: the corpus only supports {len(merges)} merges, so the vocabulary is "
+                  f"smaller than asked")
         vocab = [bytes([i]) for i in range(256)]
-        for a, b in merges:
-            vocab.append(vocab[a] + vocab[b])
+        for left, right in merges:
+            vocab.append(vocab[left] + vocab[right])
         ranks = {token: i for i, token in enumerate(vocab)}
         specials = {s: len(vocab) + i for i, s in enumerate(SPECIAL_TOKENS)}
         return cls(ranks, pattern, specials)
@@ -340,8 +411,9 @@ class Tokenizer:
         """The same result as encode(), in plain Python, to show what BPE encoding is.
 
         For each chunk of the split: start from its bytes, then repeatedly merge the adjacent
-        pair whose joined bytes have the lowest rank (the earliest merge), until no adjacent pair
-        is a token. "hello" with merges (l,l) < (h,e) < (he,ll): h e l l o -> h e ll o -> he ll o -> hell o
+        pair whose joined bytes have the lowest rank (the earliest merge), until no adjacent
+        pair is a token. "hello" with merges (l,l) < (h,e) < (he,ll):
+            h e l l o -> h e ll o -> he ll o -> hell o
         """
         ids = []
         text = _fix_surrogates(text)
@@ -349,10 +421,11 @@ class Tokenizer:
             parts = [bytes([b]) for b in chunk.encode("utf-8")]
             while len(parts) > 1:
                 joined = [self.ranks.get(parts[i] + parts[i + 1]) for i in range(len(parts) - 1)]
-                best = min((r, i) for i, r in enumerate(joined) if r is not None) if any(r is not None for r in joined) else None
-                if best is None:
-                    break
-                i = best[1]  # subtle: ties cannot happen (ranks are unique), but the lowest i wins anyway
+                ranked = [(rank, i) for i, rank in enumerate(joined) if rank is not None]
+                if not ranked:
+                    break  # no adjacent pair is a token: this chunk is fully merged
+                # subtle: ties cannot happen (ranks are unique), but the lowest i would win
+                i = min(ranked)[1]
                 parts[i:i + 2] = [parts[i] + parts[i + 1]]
             ids.extend(self.ranks[p] for p in parts)
         return ids
@@ -362,7 +435,8 @@ class Tokenizer:
         try:
             return b"".join(self.vocab[int(i)] for i in ids)
         except KeyError as e:
-            raise ValueError(f"token id {e.args[0]} is not in this vocabulary (ids run 0..{self.n_vocab - 1})") from None
+            raise ValueError(f"token id {e.args[0]} is not in this vocabulary (ids run "
+                             f"0..{self.n_vocab - 1})") from None
 
     def decode(self, ids) -> str:
         """ids -> text. A token can end in the middle of a multi-byte character, so the bytes
@@ -378,13 +452,15 @@ class Tokenizer:
         <|assistant|> asks the model for the next reply. assistant_mask is True on the tokens a
         fine-tuned model learns to produce: the content of assistant messages and their <|end|>.
 
-        [{"role": "user", "content": "hi"}] -> [<|user|>, "hi"..., <|end|>], [False, False..., False]
+        [{"role": "user", "content": "hi"}]
+            -> [<|user|>, "hi"..., <|end|>], [False, False..., False]
         """
         ids, mask = [], []
         for m in messages:
             role, content = m.get("role"), m.get("content")
             if role not in CHAT_ROLES or not isinstance(content, str):
-                raise ValueError(f"a chat message needs a role in {CHAT_ROLES} and a string content, got {m!r}")
+                raise ValueError(f"a chat message needs a role in {CHAT_ROLES} and a string "
+                                 f"content, got {m!r}")
             body = self.encode(content) + [self.special_tokens["<|end|>"]]
             ids += [self.special_tokens[f"<|{role}|>"]] + body
             mask += [False] + [role == "assistant"] * len(body)
@@ -405,10 +481,13 @@ class Tokenizer:
             AA== 0                                (base64 of the token's bytes, then its id,
             AQ== 1                                 as in tiktoken's .tiktoken files)
         """
+        specials = sorted(self.special_tokens.items(), key=lambda item: item[1])  # by id
         lines = [FILE_HEADER, "pattern " + json.dumps(self.pattern)]
-        lines += [f"special {json.dumps(s)} {i}" for s, i in sorted(self.special_tokens.items(), key=lambda kv: kv[1])]
+        lines += [f"special {json.dumps(s)} {i}" for s, i in specials]
         lines.append(f"ranks {len(self.ranks)}")
-        lines += [f"{base64.b64encode(b).decode('ascii')} {i}" for b, i in sorted(self.ranks.items(), key=lambda kv: kv[1])]
+        # base64, because a token's bytes can be anything: a newline, half a character, NUL
+        lines += [f"{base64.b64encode(b).decode('ascii')} {i}"
+                  for b, i in sorted(self.ranks.items(), key=lambda item: item[1])]
 
         def write(tmp):
             with open(tmp, "w", encoding="utf-8", newline="\n") as f:
@@ -419,6 +498,8 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str) -> "Tokenizer":
         """Read a file written by save(). A foreign or damaged file gives one clear error."""
+        damaged_fix = ("copy back the original, or re-create it with `python tokenizer.py "
+                       "train` or prepare.py --force")
         try:
             with open(path, encoding="utf-8") as f:
                 lines = f.read().split("\n")
@@ -426,31 +507,34 @@ class Tokenizer:
             raise FileNotFoundError(f"tokenizer file {path} does not exist: train one with "
                                     "`python tokenizer.py train` or run prepare.py") from None
         except UnicodeDecodeError:
-            raise ValueError(f"{path} is not a tokenizer file (it is not UTF-8 text); copy back the original, or "
-                             "re-create it with `python tokenizer.py train` or prepare.py --force") from None
+            raise ValueError(f"{path} is not a tokenizer file (it is not UTF-8 text); "
+                             f"{damaged_fix}") from None
         if lines[0] != FILE_HEADER:
-            raise ValueError(f"{path} is not a tokenizer.py file (its first line is {lines[0][:40]!r}, expected "
-                             f"{FILE_HEADER!r}); a tiktoken rank file loads with Tokenizer.from_ranks_file")
+            raise ValueError(f"{path} is not a tokenizer.py file (its first line is "
+                             f"{lines[0][:40]!r}, expected {FILE_HEADER!r}); a tiktoken rank "
+                             f"file loads with Tokenizer.from_ranks_file")
         try:
             assert lines[1].startswith("pattern ")
             pattern = json.loads(lines[1][len("pattern "):])
             specials, i = {}, 2
             while lines[i].startswith("special "):
-                name, _, sid = lines[i][len("special "):].rpartition(" ")
-                specials[json.loads(name)] = int(sid)
+                name, _, special_id = lines[i][len("special "):].rpartition(" ")
+                specials[json.loads(name)] = int(special_id)
                 i += 1
             assert lines[i].startswith("ranks ")
             n = int(lines[i].split()[1])
             ranks = _parse_rank_lines(lines[i + 1:])
             assert len(ranks) == n, f"header promises {n} ranks, file has {len(ranks)}"
-            tok = cls(ranks, pattern, specials)  # subtle: inside the try, so an edited rank or regex names the file too
+            # subtle: inside the try, so an edited rank or regex names the file too
+            tok = cls(ranks, pattern, specials)
         except (AssertionError, ValueError, IndexError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path} is a damaged tokenizer file ({e or 'unexpected line'}); copy back the original, "
-                             "or re-create it with `python tokenizer.py train` or prepare.py --force") from None
+            raise ValueError(f"{path} is a damaged tokenizer file ({e or 'unexpected line'}); "
+                             f"{damaged_fix}") from None
         return tok
 
     @classmethod
-    def from_ranks_file(cls, path: str, pattern: str = "gpt2", special_tokens: dict | None = None) -> "Tokenizer":
+    def from_ranks_file(cls, path: str, pattern: str = "gpt2",
+                        special_tokens: dict | None = None) -> "Tokenizer":
         """A tiktoken rank file on disk (lines "base64 rank"), e.g. OpenAI's gpt2.tiktoken:
         Tokenizer.from_ranks_file("gpt2.tiktoken", "gpt2", {"<|endoftext|>": 50256})."""
         try:
@@ -459,7 +543,8 @@ class Tokenizer:
         except FileNotFoundError:
             raise FileNotFoundError(f"rank file {path} does not exist") from None
         except (ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not a tiktoken rank file of 'base64 rank' lines ({e})") from None
+            raise ValueError(f"{path} is not a tiktoken rank file of 'base64 rank' lines "
+                             f"({e})") from None
         return cls(ranks, pattern, special_tokens, name=os.path.basename(path))
 
     @classmethod
@@ -470,18 +555,21 @@ class Tokenizer:
         network and no cache this fails, with one sentence saying so.
         """
         if name not in ("gpt2", "r50k_base", "p50k_base", "cl100k_base", "o200k_base"):
-            raise ValueError(f"unknown tiktoken vocabulary {name!r}: use gpt2, cl100k_base or o200k_base")
+            raise ValueError(f"unknown tiktoken vocabulary {name!r}: use gpt2, cl100k_base or "
+                             f"o200k_base")
         try:
             enc = tiktoken.get_encoding(name)
         except Exception as e:  # requests/urllib/blobfile errors all mean the same thing here
-            raise RuntimeError(f"tiktoken could not load {name!r} ({type(e).__name__}): it downloads the vocabulary on "
-                               "first use, so run once with network access or point TIKTOKEN_CACHE_DIR at a cache that "
-                               "has it, or pass a local rank file to Tokenizer.from_ranks_file") from None
+            raise RuntimeError(f"tiktoken could not load {name!r} ({type(e).__name__}): it "
+                               "downloads the vocabulary on first use, so run once with network "
+                               "access or point TIKTOKEN_CACHE_DIR at a cache that has it, or "
+                               "pass a local rank file to Tokenizer.from_ranks_file") from None
         return cls(enc._mergeable_ranks, enc._pat_str, enc._special_tokens, name=name)
 
 
 def _fix_surrogates(text: str) -> str:
-    """Lone surrogates (possible in a Python str, impossible in UTF-8) become U+FFFD, as tiktoken does."""
+    """Lone surrogates (possible in a Python str, impossible in UTF-8) become U+FFFD, as
+    tiktoken does: "a\\ud800b" -> "a\\ufffdb"."""
     try:
         text.encode("utf-8")
         return text
@@ -490,11 +578,12 @@ def _fix_surrogates(text: str) -> str:
 
 
 def _parse_rank_lines(lines: list) -> dict:
+    """["IQ== 0", "Ig== 1", ""] -> {b"!": 0, b'"': 1}: tiktoken's "base64 rank" lines."""
     ranks = {}
-    for lineno, line in enumerate(lines, 1):
+    for line in lines:
         if not line.strip():
             continue
-        token, rank = line.split()
+        token, rank = line.split()  # subtle: a line without exactly 2 fields is a ValueError
         ranks[base64.b64decode(token, validate=True)] = int(rank)
     return ranks
 
@@ -516,12 +605,14 @@ def atomic_write(path: str, write) -> None:
                 f.write("hello")
         atomic_write("notes.txt", write)
     """
-    tmp = path + ".tmp"  # one scheme everywhere, so a fresh run knows what a crash left behind
+    # subtle: one fixed name, so that a fresh run knows what a crash left behind (train.py
+    # looks for it); the price: two processes writing the same path at once share the temporary
+    tmp = path + ".tmp"
     try:
         write(tmp)
         _fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException:
+        os.replace(tmp, path)  # atomic on POSIX and Windows, even when path already exists
+    except BaseException:  # KeyboardInterrupt too: a ^C must not leave the temporary behind
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
@@ -531,7 +622,7 @@ def atomic_write(path: str, write) -> None:
 def _fsync(path: str) -> None:
     """Flush a file's data, or a directory's list of names, from the OS cache to the disk."""
     if os.path.isdir(path):
-        if not hasattr(os, "O_DIRECTORY"):  # Windows cannot open a directory; NTFS orders this itself
+        if not hasattr(os, "O_DIRECTORY"):  # Windows cannot open a directory; NTFS orders this
             return
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     else:
@@ -552,56 +643,129 @@ def file_sha256(path: str) -> str:
 
 
 # -----------------------------------------------------------------------------
-# Reading a corpus from disk (for the CLI; prepare.py has the full pipeline)
+# Text files: which files of a tree are text, and how they are read (prepare.py uses these too)
 
-TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
+TEXT_SUFFIXES = (".txt", ".md", ".py")  # plain-text files taken from a directory tree
+SNIFF_BYTES = 8192  # how much of a file's start is_binary looks at
+# NUL, and the C0 codes no text file holds in bulk (tab, \n, \v, \f, \r and ESC are allowed)
+_NON_TEXT_CONTROL = re.compile(rb"[\x00-\x08\x0e-\x1a\x1c-\x1f]")
 
 
-def read_texts(path: str, stats: dict | None = None, suffixes: tuple = TEXT_SUFFIXES, skip_dirs: tuple = ()):
+def is_binary(head: bytes) -> bool:
+    """A NUL byte, or more than 10% control bytes, in the first 8 KB: an image, archive, pyc...
+
+    b"\\x89PNG\\r\\n\\x1a\\n\\x00\\x00" -> True;  b"caf\\xc3\\xa9\\n" -> False.
+    subtle: UTF-16 text counts as binary (its ASCII characters carry a NUL byte each), so it is
+    skipped, never silently read as garbage; the error messages say to convert it with iconv.
+    """
+    head = head[:SNIFF_BYTES]
+    return b"\x00" in head or len(_NON_TEXT_CONTROL.findall(head)) > len(head) // 10
+
+
+def decode_text(raw: bytes) -> tuple:
+    """UTF-8 bytes -> (text, how many invalid sequences became U+FFFD).
+
+    b"a\\xffb" -> ("a\\ufffdb", 1). Kept rather than refused: one mis-encoded file (the stdlib
+    ships a few, latin-1 and koi8-r test data for its own decoders) should not stop a run, but
+    callers count it and say so.
+    Decoding bytes ourselves is open(newline=""): a "\\r" stays in the text, as it is data too.
+    """
+    try:
+        return raw.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="replace")
+        # subtle: a U+FFFD the file itself held (bytes EF BF BD) is text, not a replacement
+        return text, text.count("\ufffd") - raw.count("\ufffd".encode())
+
+
+def read_text_file(path: str) -> tuple:
+    """-> (text, bytes read, invalid sequences replaced); text is None when the file is binary.
+
+    Only the first 8 KB of a binary file are read, however big it is.
+    """
+    with open(path, "rb") as f:
+        head = f.read(SNIFF_BYTES)
+        if is_binary(head):
+            return None, len(head), 0
+        raw = head + f.read()
+    text, n_replaced = decode_text(raw)
+    return text, len(raw), n_replaced
+
+
+def list_text_files(root: str, suffixes: tuple = TEXT_SUFFIXES, skip_dirs: tuple = ()) -> list:
+    """[(path relative to root with "/", size in bytes, mtime_ns)] of the files under root with
+    one of the suffixes, sorted by path. Hidden files and folders, __pycache__ and skip_dirs
+    (by name, at any depth) are left out."""
+    files = []
+    for folder, dirs, names in os.walk(root):
+        # sorted in place so os.walk descends in a deterministic order on every filesystem
+        dirs[:] = sorted(d for d in dirs
+                         if not d.startswith(".") and d not in ("__pycache__",) + skip_dirs)
+        for name in sorted(names):
+            if name.endswith(suffixes) and not name.startswith("."):
+                path = os.path.join(folder, name)
+                try:
+                    stat = os.stat(path)
+                    size, mtime = stat.st_size, stat.st_mtime_ns
+                except OSError:  # a broken link: listed here, then unreadable for the reader
+                    size, mtime = 0, 0
+                files.append((os.path.relpath(path, root).replace(os.sep, "/"), size, mtime))
+    files.sort()
+    return files
+
+
+def read_texts(path: str, stats: dict | None = None, suffixes: tuple = TEXT_SUFFIXES,
+               skip_dirs: tuple = ()):
     """Yield the documents under path (a file, or every text file of a directory tree, sorted).
 
-    Binary files (a NUL byte in the first 8 KB) are skipped; invalid UTF-8 is replaced by U+FFFD.
-    Both are counted in stats. newline="" keeps "\\r" as it is in the file.
+    Binary files (is_binary) are skipped; invalid UTF-8 is replaced by U+FFFD (decode_text).
+    Both are counted in stats. A "\\r" stays as it is in the file.
     """
     stats = {"files": 0, "binary_skipped": 0, "invalid_utf8_files": 0} if stats is None else stats
     if not os.path.exists(path):
         raise FileNotFoundError(f"input {path} does not exist")
     if os.path.isdir(path):
-        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith(suffixes)
-                       and not set(os.path.relpath(d, path).split(os.sep)) & set(skip_dirs))
+        listed = list_text_files(path, suffixes, skip_dirs)
+        files = [os.path.join(path, rel) for rel, _, _ in listed]
         if not files:
             raise ValueError(f"directory {path} holds no text files ({', '.join(suffixes)})")
     else:
         files = [path]
     for file in files:
-        with open(file, "rb") as f:
-            raw = f.read()
-        if b"\0" in raw[:8192]:
+        text, _, n_replaced = read_text_file(file)
+        if text is None:
             stats["binary_skipped"] += 1
             continue
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            text = raw.decode("utf-8", errors="replace")
-            stats["invalid_utf8_files"] += 1
+        stats["invalid_utf8_files"] += n_replaced > 0
         stats["files"] += 1
-        yield text  # kept verbatim: "\r" is data too
+        yield text
 
 
 # -----------------------------------------------------------------------------
 # Command line: one dataclass per command, parsed by parse_config (shared by every stage)
 
 def _field_comments(cls) -> dict:
-    """{field name: its trailing # comment} read from the dataclass source, for -h."""
+    """{field name: its trailing # comment} read from the dataclass source, for -h.
+
+    A comment too long for one line goes on below, its # right under the field's # :
+        name: str = ""  # the first part
+                        # and the rest     -> "the first part and the rest"
+    """
     comments = {}
     try:
         source = inspect.getsource(cls)
-    except (OSError, TypeError):
+    except (OSError, TypeError):  # a class defined in a REPL or exec has no source to read
         return comments
+    field, column = None, -1  # the field whose comment may go on, and the column of its #
     for line in source.splitlines():
-        m = regex.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
+        m = regex.match(r"(\s+(\w+)\s*:[^#]*)#\s*(.*)$", line)  # "  name: type = x  # comment"
         if m:
-            comments[m.group(1)] = m.group(2)
+            field, column = m.group(2), len(m.group(1))
+            comments[field] = m.group(3)
+        elif field and line[:column].isspace() and line[column:column + 1] == "#":
+            comments[field] += " " + line[column + 1:].strip()
+        else:
+            field = None
     return comments
 
 
@@ -612,26 +776,30 @@ def _convert(name: str, kind, text):
         if text is not None and text.lower() in ("none", "null"):
             return None
         kind = next(a for a in args if a is not type(None))
-    if kind is bool:
+    if kind is bool:  # parsed explicitly: bool("false") would be True
         if text is None:
             return True  # a bare --flag means true
         if text.lower() in ("1", "true", "yes", "on"):
             return True
         if text.lower() in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"--{name} is a boolean: use --{name}=true or --{name}=false, not {text!r}")
+        raise ValueError(f"--{name} is a boolean: use --{name}=true or --{name}=false, "
+                         f"not {text!r}")
     if text is None:
         raise ValueError(f"--{name} needs a value: --{name}=...")
     try:
-        if kind is int:
-            value = float(text.replace("_", "")) if any(c in text for c in ".eE") else int(text.replace("_", ""))
+        if kind is int:  # "1e3" and "100_000" are integers too, "1.5" is not
+            digits = text.replace("_", "")
+            value = float(digits) if any(c in text for c in ".eE") else int(digits)
             if value != int(value):
                 raise ValueError
             return int(value)
         if kind is float:
             return float(text)
-    except (ValueError, OverflowError):  # OverflowError: --max_iters=1e400 is float inf, int() of which fails
-        raise ValueError(f"--{name} must be {'an integer' if kind is int else 'a number'}, not {text!r}") from None
+    # OverflowError: --max_iters=1e400 is float inf, and int() of that fails
+    except (ValueError, OverflowError):
+        raise ValueError(f"--{name} must be {'an integer' if kind is int else 'a number'}, "
+                         f"not {text!r}") from None
     return text
 
 
@@ -643,7 +811,7 @@ def parse_config(cls, argv: list | None = None):
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls)  # resolves "int | None" written as a string annotation
     if "-h" in argv or "--help" in argv:
         doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n\n")[0]
         comments = _field_comments(cls)
@@ -651,7 +819,8 @@ def parse_config(cls, argv: list | None = None):
         rows = []
         for name, f in fields.items():
             default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+                f.default_factory() if f.default_factory is not dataclasses.MISSING
+                else "(required)")
             rows.append((f"--{name}={default}", comments.get(name, "")))
         width = min(max(len(left) for left, _ in rows), 40)
         for left, comment in rows:
@@ -661,13 +830,15 @@ def parse_config(cls, argv: list | None = None):
     try:
         for arg in argv:
             if not arg.startswith("--") or arg == "--":
-                raise ValueError(f"unexpected argument {arg!r}: options are written --key=value (see -h)")
+                raise ValueError(f"unexpected argument {arg!r}: options are written --key=value "
+                                 f"(see -h)")
             key, eq, text = arg[2:].partition("=")
             key = key.replace("-", "_")
             if key not in fields:
                 close = difflib.get_close_matches(key, fields, n=1)
                 hint = f"; did you mean --{close[0]}?" if close else "; see -h for the list"
-                # subtle: repr a key holding a newline (or \x85, \u2028...), or the one-line error splits
+                # subtle: repr a key holding a newline (or \x85, \u2028...), or the one-line
+                # error splits
                 shown = f"--{key}" if key.isprintable() else repr(f"--{key}")
                 raise ValueError(f"unknown option {shown}{hint}")
             values[key] = _convert(key, hints[key], text if eq else None)
@@ -678,44 +849,46 @@ def parse_config(cls, argv: list | None = None):
 
 
 @dataclasses.dataclass
-class TrainArgs:
-    input: str = ""  # a text file or a directory tree of .txt/.md/.py/.rst files
+class TokenizerTrainConfig:
+    input: str = ""  # a text file or a directory tree of .txt/.md/.py files
     vocab_size: int = 8192  # ids in all: 256 bytes + merges + special tokens
     out: str = "tokenizer.bpe"  # where to write the tokenizer
     pattern: str = "gpt4"  # split regex: gpt4 (cl100k), gpt2, or a regex of your own
 
 
 @dataclasses.dataclass
-class EncodeArgs:
-    tokenizer: str = "tokenizer.bpe"  # a file written by `train`, or gpt2 / cl100k_base / o200k_base
+class EncodeConfig:
+    tokenizer: str = "tokenizer.bpe"  # a file written by `train`, or gpt2/cl100k_base/o200k_base
 
 
 @dataclasses.dataclass
-class StatsArgs:
-    tokenizer: str = "tokenizer.bpe"  # a file written by `train`, or gpt2 / cl100k_base / o200k_base
+class StatsConfig:
+    tokenizer: str = "tokenizer.bpe"  # a file written by `train`, or gpt2/cl100k_base/o200k_base
     input: str = ""  # a text file or directory to measure on
 
 
 @dataclasses.dataclass
-class BenchArgs:
-    input: str = ""  # text file or directory; empty = the .py files of this Python's standard library
+class TokenizerBenchConfig:
+    input: str = ""  # text file or directory; empty = this Python's standard library .py files
     vocab_size: int = 8192  # vocabulary to train
     repeat: int = 3  # timed runs of each trainer, interleaved; the median is reported
     threads: int = 0  # processes/threads for both trainers; 0 = all cores
 
 
-def bench_training(args: BenchArgs) -> None:
+def bench_training(cfg: TokenizerBenchConfig) -> None:
     """Time Tokenizer.train against Hugging Face tokenizers' BpeTrainer (Rust), if installed, on
     the same texts, split regex and byte alphabet, runs interleaved so machine load hits both."""
-    threads = args.threads or os.cpu_count() or 1
+    threads = cfg.threads or os.cpu_count() or 1
     os.environ["RAYON_NUM_THREADS"] = str(threads)  # must be set before tokenizers is imported
-    if args.input:
-        texts = list(read_texts(args.input))
-    else:
-        import sysconfig  # the default corpus of prepare.py: the standard library, not site-packages
-        texts = list(read_texts(sysconfig.get_paths()["stdlib"], suffixes=(".py",), skip_dirs=("site-packages",)))
+    if cfg.input:
+        texts = list(read_texts(cfg.input))
+    else:  # prepare.py's default corpus: the standard library's .py files, not site-packages
+        import sysconfig
+        texts = list(read_texts(sysconfig.get_paths()["stdlib"], suffixes=(".py",),
+                                skip_dirs=("site-packages", "dist-packages")))
     mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
-    print(f"{len(texts)} documents, {mb:.1f} MB, vocab {args.vocab_size}, {threads} processes/threads")
+    print(f"{len(texts)} documents, {mb:.1f} MB, vocab {cfg.vocab_size}, "
+          f"{threads} processes/threads")
     try:
         import tokenizers as hf
     except ImportError:
@@ -723,20 +896,20 @@ def bench_training(args: BenchArgs) -> None:
         print("(pip install tokenizers to compare against Hugging Face's Rust trainer)")
 
     def ours():
-        Tokenizer.train(texts, args.vocab_size, num_proc=threads)
+        Tokenizer.train(texts, cfg.vocab_size, num_proc=threads)
 
-    def theirs():
+    def theirs():  # the same job: our split regex, then bytes mapped to 256 visible characters
         tok = hf.Tokenizer(hf.models.BPE())
         tok.pre_tokenizer = hf.pre_tokenizers.Sequence([
             hf.pre_tokenizers.Split(hf.Regex(GPT4_PATTERN), behavior="isolated"),
             hf.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        trainer = hf.trainers.BpeTrainer(vocab_size=args.vocab_size, show_progress=False,
+        trainer = hf.trainers.BpeTrainer(vocab_size=cfg.vocab_size, show_progress=False,
                                          initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet(),
                                          special_tokens=SPECIAL_TOKENS)
         tok.train_from_iterator(texts, trainer=trainer)
 
     times = {"tokenizer.py": [], "HF tokenizers": []}
-    for _ in range(args.repeat):
+    for _ in range(cfg.repeat):
         for name, fn in (("tokenizer.py", ours), ("HF tokenizers", theirs)):
             if name == "HF tokenizers" and hf is None:
                 continue
@@ -744,13 +917,19 @@ def bench_training(args: BenchArgs) -> None:
             fn()
             times[name].append(time.perf_counter() - t0)
     import resource
+
+    def median(ts):
+        return sorted(ts)[len(ts) // 2]
+
     for name, ts in times.items():
         if ts:
-            print(f"{name:>14}: median {sorted(ts)[len(ts) // 2]:.2f}s over {len(ts)} runs ({', '.join(f'{t:.2f}' for t in ts)})")
+            print(f"{name:>14}: median {median(ts):.2f}s over {len(ts)} runs "
+                  f"({', '.join(f'{t:.2f}' for t in ts)})")
     if times["HF tokenizers"]:
-        ratio = sorted(times["tokenizer.py"])[args.repeat // 2] / sorted(times["HF tokenizers"])[args.repeat // 2]
+        ratio = median(times["tokenizer.py"]) / median(times["HF tokenizers"])
         print(f"tokenizer.py / HF time ratio: {ratio:.2f}")
-    print(f"peak memory of this process (both trainers): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KB
+    print(f"peak memory of this process (both trainers): {peak_mb:.0f} MB")
 
 
 def _open_tokenizer(spec: str) -> Tokenizer:
@@ -759,55 +938,64 @@ def _open_tokenizer(spec: str) -> Tokenizer:
     return Tokenizer.load(spec)
 
 
+def _train_command(cfg: TokenizerTrainConfig) -> None:
+    if not cfg.input:
+        raise ValueError("train needs --input=FILE_OR_DIR")
+    stats = {"files": 0, "binary_skipped": 0, "invalid_utf8_files": 0}
+    texts = list(read_texts(cfg.input, stats))
+    if not any(t.strip() for t in texts):
+        raise ValueError(f"no text to train on in {cfg.input} ({stats['files']} files read, "
+                         f"{stats['binary_skipped']} binary skipped); give it UTF-8 text "
+                         f"(UTF-16 reads as binary: iconv -f UTF-16 -t UTF-8)")
+    if stats["invalid_utf8_files"]:
+        print(f"warning: {stats['invalid_utf8_files']} files in {cfg.input} are not valid UTF-8; "
+              f"their bad bytes became U+FFFD (re-encode them, e.g. iconv -f latin1 -t UTF-8, "
+              f"if that is wrong)", file=sys.stderr)
+    t0 = time.time()
+    # the output folder is made before minutes of training, not after them
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+    tok = Tokenizer.train(texts, cfg.vocab_size, cfg.pattern, verbose=True)
+    tok.save(cfg.out)
+    print(f"read {stats['files']} files ({stats['binary_skipped']} binary skipped, "
+          f"{stats['invalid_utf8_files']} with invalid UTF-8 replaced); trained vocab "
+          f"{tok.n_vocab} in {time.time() - t0:.1f}s; wrote {cfg.out}")
+
+
 def main(argv: list) -> None:
     commands = ("train", "encode", "stats", "bench")
     if not argv or argv[0] not in commands:
         if argv and argv[0] in ("-h", "--help"):
             print(__doc__)
             return
-        raise ValueError(f"the first argument must be one of {', '.join(commands)} (see python tokenizer.py -h)")
+        raise ValueError(f"the first argument must be one of {', '.join(commands)} "
+                         f"(see python tokenizer.py -h)")
     command, rest = argv[0], argv[1:]
     if command == "train":
-        args = parse_config(TrainArgs, rest)
-        if not args.input:
-            raise ValueError("train needs --input=FILE_OR_DIR")
-        stats = {"files": 0, "binary_skipped": 0, "invalid_utf8_files": 0}
-        texts = list(read_texts(args.input, stats))
-        if not any(t.strip() for t in texts):
-            raise ValueError(f"no text to train on in {args.input} ({stats['files']} files read, {stats['binary_skipped']} "
-                             f"binary skipped); give it UTF-8 text (UTF-16 reads as binary: iconv -f UTF-16 -t UTF-8)")
-        if stats["invalid_utf8_files"]:
-            print(f"warning: {stats['invalid_utf8_files']} files in {args.input} are not valid UTF-8; their bad bytes "
-                  f"became U+FFFD (re-encode them, e.g. iconv -f latin1 -t UTF-8, if that is wrong)", file=sys.stderr)
-        t0 = time.time()
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)  # before minutes of training, not after
-        tok = Tokenizer.train(texts, args.vocab_size, args.pattern, verbose=True)
-        tok.save(args.out)
-        print(f"read {stats['files']} files ({stats['binary_skipped']} binary skipped, "
-              f"{stats['invalid_utf8_files']} with invalid UTF-8 replaced); trained vocab {tok.n_vocab} "
-              f"in {time.time() - t0:.1f}s; wrote {args.out}")
+        _train_command(parse_config(TokenizerTrainConfig, rest))
     elif command == "encode":
-        words = [a for a in rest if not a.startswith("--")]
-        args = parse_config(EncodeArgs, [a for a in rest if a.startswith("--")])
-        tok = _open_tokenizer(args.tokenizer)
+        words = [a for a in rest if not a.startswith("--")]  # the text to encode
+        cfg = parse_config(EncodeConfig, [a for a in rest if a.startswith("--")])
+        tok = _open_tokenizer(cfg.tokenizer)
         ids = tok.encode(" ".join(words))
         for i in ids:
             print(f"{i:>7}  {tok.decode_bytes([i])!r}")
         print(f"{len(ids)} tokens")
     elif command == "bench":
-        bench_training(parse_config(BenchArgs, rest))
+        bench_training(parse_config(TokenizerBenchConfig, rest))
     else:
-        args = parse_config(StatsArgs, rest)
-        tok = _open_tokenizer(args.tokenizer)
-        texts = list(read_texts(args.input)) if args.input else []
+        cfg = parse_config(StatsConfig, rest)
+        tok = _open_tokenizer(cfg.tokenizer)
+        texts = list(read_texts(cfg.input)) if cfg.input else []
         if not texts:
             raise ValueError("stats needs --input=FILE_OR_DIR with some text")
         t0 = time.time()
         n_tokens = sum(len(ids) for ids in tok.encode_batch(texts))
         seconds = time.time() - t0
         n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-        print(f"{n_bytes:,} bytes -> {n_tokens:,} tokens: {n_bytes / max(n_tokens, 1):.3f} bytes per token "
-              f"(vocab {tok.n_vocab}); encoded at {n_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s")
+        # bytes per token is the tokenizer's compression: more means a longer text per window
+        print(f"{n_bytes:,} bytes -> {n_tokens:,} tokens: {n_bytes / max(n_tokens, 1):.3f} bytes "
+              f"per token (vocab {tok.n_vocab}); encoded at "
+              f"{n_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s")
 
 
 if __name__ == "__main__":
