@@ -2527,6 +2527,250 @@ def test_sample_refuses_a_tokenizer_the_checkpoint_was_not_trained_with(sample_e
 
 
 # -----------------------------------------------------------------------------
+# finetune.py: supervised fine-tuning with the chat template, prompt masking and LoRA
+
+import contextlib
+import re
+
+import finetune
+
+
+@pytest.fixture(scope="module")
+def _ft_pretrained(_train_data, tmp_path_factory):
+    """A train.py out_dir (tiny model, context 64) to fine-tune from: (out_dir, tokenizer)."""
+    data_dir, tok = _train_data
+    out = tmp_path_factory.mktemp("ft") / "out"
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.train(_train_cfg(data_dir, out, block_size=64, max_steps=20, eval_interval=20))
+    return str(out), tok
+
+
+def _ft_cfg(init_from, out_dir, **kw):
+    base = dict(init_from=init_from, out_dir=str(out_dir), device="cpu", max_steps=6, batch_size=8,
+                learning_rate=3e-3, eval_interval=3, eval_examples=8, log_interval=1000,
+                builtin_train=400, builtin_val=16)
+    base.update(kw)
+    return finetune.FinetuneConfig(**base)
+
+
+def test_finetune_mask_is_the_reply_and_its_end_token(_train_data):
+    # reference: the template written out by hand, and the targets it should produce
+    _, tok = _train_data
+    sp = tok.special_tokens
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "sort [2, 1]"},
+                {"role": "assistant", "content": "[1, 2]"}]
+    rendered = ([sp["<|system|>"]] + tok.encode("be brief") + [sp["<|end|>"]] + [sp["<|user|>"]]
+                + tok.encode("sort [2, 1]") + [sp["<|end|>"]] + [sp["<|assistant|>"]]
+                + tok.encode("[1, 2]") + [sp["<|end|>"]])
+    x, y, cut = finetune.encode_example(tok, messages, 64)
+    reply = len(tok.encode("[1, 2]")) + 1  # the reply's tokens and its <|end|>
+    assert x == rendered[:-1] and not cut
+    assert y == [-100] * (len(rendered) - 1 - reply) + rendered[-reply:]
+    assert y[-1] == sp["<|end|>"] and sum(t != -100 for t in y) == reply
+    # the rendering parses back into the same conversation (decode keeps the special tokens)
+    text = tok.decode(rendered)
+    parsed = [{"role": r, "content": c} for r, c in re.findall(r"<\|(system|user|assistant)\|>(.*?)<\|end\|>", text)]
+    assert parsed == messages
+    # a second assistant turn is learned too; the user turn between them is not
+    two = messages + [{"role": "user", "content": "again"}, {"role": "assistant", "content": "ok"}]
+    _, y2, _ = finetune.encode_example(tok, two, 64)
+    assert sum(t != -100 for t in y2) == reply + len(tok.encode("ok")) + 1
+
+
+def test_finetune_padding_changes_nothing_and_truncation_is_counted(_train_data):
+    _, tok = _train_data
+    examples = finetune.builtin_task(12, 1, 0)[0]
+    batches = finetune.ChatBatches(tok, examples, 64, 0, "test")
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=320, block_size=64, n_layer=1, n_head=2, n_embd=32)).eval()
+    x, y = batches.batch(range(12), "cpu")
+    assert (x[y == -100] == tok.pad_id).sum() > 0 and ((x == tok.pad_id) <= (y == -100)).all()
+    with torch.no_grad():
+        _, padded = m(x, y)
+        # reference: each example alone, unpadded, its loss weighted by its reply tokens
+        alone = [(m(torch.tensor([a]), torch.tensor([b]))[1].item(), sum(t != -100 for t in b))
+                 for a, b in (batches.example(r) for r in range(12))]
+    assert padded.item() == pytest.approx(sum(l * n for l, n in alone) / sum(n for _, n in alone), rel=1e-5)
+    # too long: cut to the context and counted; a reply pushed wholly past it is dropped
+    long_prompt = {"messages": [{"role": "user", "content": "x " * 200}, {"role": "assistant", "content": "y"}]}
+    long_reply = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "z " * 200}]}
+    b = finetune.ChatBatches(tok, [long_reply, long_prompt, *examples[:2]], 64, 0, "test")
+    assert (b.truncated, b.dropped, len(b.examples)) == (2, 1, 3)
+    assert max(len(x) for x, _ in b.examples) == 64
+
+
+_FT_STYLES = {"gpt2": {}, "llama": dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, n_kv_head=1,
+                                           tie_embeddings=False)}
+
+
+@pytest.mark.parametrize("style", sorted(_FT_STYLES))
+def test_finetune_lora_freezes_the_base_and_merges_exactly(style):
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, **_FT_STYLES[style])
+    m = GPT(cfg)
+    base = {k: v.clone() for k, v in m.state_dict().items()}
+    idx = torch.randint(0, 64, (2, 16))
+    ref = m(idx)[0]
+    names = finetune.apply_lora(m, rank=4, alpha=8.0, targets=finetune.LORA_TARGETS)
+    assert names and all(".lm_head" not in n for n in names)
+    assert torch.equal(m(idx)[0], ref)  # B starts at zero: the same model
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        m(idx, idx)[1].backward()
+        opt.step()
+        opt.zero_grad()
+    frozen = {k.replace(".base", ""): v for k, v in m.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(frozen[k], base[k]) for k in base)  # the base never moved
+    weights = finetune.plain_weights(m)  # merged into a copy; m keeps its adapters
+    assert sorted(weights) == sorted(base) and any("lora_A" in k for k in m.state_dict())
+    plain = GPT(cfg)
+    plain.load_state_dict(weights)
+    torch.testing.assert_close(plain(idx)[0], m(idx)[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(plain(idx)[0], ref)  # and it did learn something
+    with pytest.raises(ValueError, match="match no nn.Linear"):
+        finetune.apply_lora(GPT(cfg), rank=4, targets=("nothing",))
+
+
+def test_finetune_tiny_model_learns_the_builtin_task(_ft_pretrained, tmp_path):
+    init, _ = _ft_pretrained
+    s = finetune.finetune(_ft_cfg(init, tmp_path / "sft", max_steps=400, batch_size=16, eval_interval=1000,
+                                  eval_examples=50, builtin_train=2000, builtin_val=50))
+    assert s["exact_match_before"] == 0.0 and s["exact_match"] >= 0.1
+    log = [json.loads(line) for line in open(tmp_path / "sft" / "log.jsonl")]
+    assert log[-1]["exact_match"] == s["exact_match"] and log[-1]["val_loss"] < 1.5
+
+
+@pytest.mark.parametrize("lora", [0, 4])
+def test_finetune_resume_is_bit_identical(_ft_pretrained, tmp_path, lora):
+    init, _ = _ft_pretrained
+    kw = dict(max_steps=6, lora_rank=lora, lora_dropout=0.1 if lora else 0.0, log_interval=1)
+    finetune.finetune(_ft_cfg(init, tmp_path / "a", **kw))
+    finetune.finetune(_ft_cfg(init, tmp_path / "b", stop_step=3, **kw))
+    finetune.finetune(_ft_cfg(init, tmp_path / "b", resume=True, **kw))
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
+    assert a["step"] == b["step"] == 6
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    curve = lambda d: [(r["step"], r["loss"]) for r in map(json.loads, open(tmp_path / d / "log.jsonl")) if "loss" in r]
+    assert curve("a") == curve("b")
+    # the saved weights are a plain GPT's (adapters merged): train.load_checkpoint reads them
+    model, ck = train.load_checkpoint(str(tmp_path / "a" / "best.pt"))
+    assert ck["finetune"]["lora_rank"] == lora and ("resume_weights" in ck) == bool(lora)
+
+
+def test_finetune_output_chats_through_sample_py(_ft_pretrained, tmp_path):
+    init, _ = _ft_pretrained
+    finetune.finetune(_ft_cfg(init, tmp_path / "sft", max_steps=3))
+    r = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp_path / 'sft'}", "--chat",
+                        "--temperature=0", "--device=cpu", "--max_new_tokens=8"], input="sort [3, 1]\n/exit\n",
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_finetune_reads_chat_and_alpaca_jsonl_and_names_bad_lines(_ft_pretrained, tmp_path, capsys):
+    init, _ = _ft_pretrained
+    good = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(5)] + [{"instruction": "say hi", "input": "to Ann", "output": "hi Ann"}]
+    (tmp_path / "good.jsonl").write_text("".join(json.dumps(e) + "\n" for e in good) + "\n")
+    examples = finetune.read_examples(str(tmp_path / "good.jsonl"))
+    assert examples[:5] == good[:5] and examples[5]["messages"] == [
+        {"role": "user", "content": "say hi\n\nto Ann"}, {"role": "assistant", "content": "hi Ann"}]
+    train_set, val = finetune.split_examples(examples, 0.05)
+    assert len(val) == 1 and len(train_set) == 5
+    bad = {"not JSON": ('{"messages": [', "line 3 is not valid JSON"),
+           "not an object": ("[1, 2]", "line 3 is not a JSON object"),
+           "no assistant turn": (json.dumps({"messages": [{"role": "user", "content": "q"}]}),
+                                 "line 3: the conversation has no assistant turn"),
+           "a bad role": (json.dumps({"messages": [{"role": "bot", "content": "q"}]}), "line 3: a message needs a role"),
+           "neither format": (json.dumps({"prompt": "q"}), "line 3 has neither")}
+    for name, (line, message) in bad.items():
+        path = tmp_path / "bad.jsonl"
+        path.write_text(json.dumps(good[0]) + "\n\n" + line + "\n")
+        with pytest.raises(SystemExit) as e:
+            finetune.main([f"--init_from={init}", f"--data={path}", f"--out_dir={tmp_path / 'o'}", "--device=cpu"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 1 and len(err) == 1 and message in err[0] and str(path) in err[0], (name, err)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    cases = [([f"--data={tmp_path / 'empty.jsonl'}"], "holds no examples"),
+             ([f"--data={tmp_path / 'missing.jsonl'}"], "does not exist"),
+             (["--lora_rank=4", "--lora_targets=nothing"], "match no nn.Linear")]
+    for args, message in cases:
+        with pytest.raises(SystemExit):
+            finetune.main([f"--init_from={init}", f"--out_dir={tmp_path / 'o'}", "--device=cpu", *args])
+        assert message in capsys.readouterr().err
+    lonely = tmp_path / "lonely"  # a checkpoint without its tokenizer
+    lonely.mkdir()
+    shutil.copy(os.path.join(init, "ckpt.pt"), lonely / "ckpt.pt")
+    with pytest.raises(SystemExit):
+        finetune.main([f"--init_from={lonely}", f"--out_dir={tmp_path / 'o'}", "--device=cpu"])
+    assert "tokenizer.bpe is missing" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o" / "ckpt.pt")  # nothing half-written
+
+
+def test_finetune_dpo_loss_matches_a_hand_computation():
+    beta = 0.1
+    pc, pr = torch.tensor([-1.0, -2.0], requires_grad=True), torch.tensor([-3.0, -1.5])
+    rc, rr = torch.tensor([-1.5, -1.5]), torch.tensor([-2.0, -2.0])
+    loss, margin, accuracy = finetune.dpo_loss(pc, pr, rc, rr, beta)
+    # pair 1: chosen reward 0.1 * 0.5 = 0.05, rejected 0.1 * -1.0 = -0.1, margin z1 = 0.15
+    # pair 2: chosen reward 0.1 * -0.5 = -0.05, rejected 0.1 * 0.5 = 0.05, margin z2 = -0.1
+    hand = (math.log(1 + math.exp(-0.15)) + math.log(1 + math.exp(0.1))) / 2  # -log sigmoid(z)
+    assert loss.item() == pytest.approx(hand, abs=1e-6)
+    assert margin.item() == pytest.approx((0.15 - 0.1) / 2, abs=1e-6) and accuracy.item() == 0.5
+    assert finetune.dpo_loss(pc[:1], pr[:1], rc[:1], rr[:1], beta)[0].item() == pytest.approx(0.6210, abs=1e-4)
+    loss.backward()  # d loss / d pc_i = -beta * sigmoid(-z_i) / N (Rafailov et al. section 5)
+    sig = lambda z: 1 / (1 + math.exp(-z))
+    assert pc.grad.tolist() == pytest.approx([-beta * sig(-0.15) / 2, -beta * sig(0.1) / 2], abs=1e-7)
+
+
+@pytest.mark.parametrize("lora", [0, 4])
+def test_finetune_dpo_starts_at_log_2_and_sequence_logprobs_equal_a_slow_loop(lora):
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    if lora:
+        finetune.apply_lora(m, rank=lora)
+    ids = torch.randint(0, 64, (4, 10))
+    targets = ids.roll(-1, dims=1).clone()
+    targets[:, :3] = -100  # a prompt
+    targets[1, 7:] = -100  # padding
+    fast = finetune.sequence_logprobs(m, ids, targets)
+    slow = torch.zeros(4)  # reference: one forward per prefix, log_softmax, summed by hand
+    with torch.no_grad():
+        for b in range(4):
+            for t in range(10):
+                if targets[b, t] != -100:
+                    logits, _ = m(ids[b:b + 1, :t + 1])
+                    slow[b] += F.log_softmax(logits[0, -1], dim=-1)[targets[b, t]]
+    torch.testing.assert_close(fast.detach(), slow, atol=1e-5, rtol=0)
+    # the policy at the start is its reference (frozen copy, or the adapters switched off)
+    _, loss = finetune.DPOObjective(m, beta=0.1)(ids, targets)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_finetune_dpo_learns_the_preference(_ft_pretrained, tmp_path, capsys):
+    init, _ = _ft_pretrained
+    sft = tmp_path / "sft"
+    finetune.finetune(_ft_cfg(init, sft, max_steps=200, batch_size=16, eval_interval=1000,
+                              builtin_train=1000, builtin_val=40))
+    finetune.finetune(_ft_cfg(str(sft), tmp_path / "dpo", task="dpo", max_steps=60, batch_size=8,
+                              learning_rate=1e-3, eval_interval=1000, log_interval=1,
+                              builtin_train=1000, builtin_val=40))
+    rows = [json.loads(line) for line in open(tmp_path / "dpo" / "log.jsonl")]
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # step 1: policy == reference
+    last = [r for r in rows if "preference_accuracy" in r][-1]
+    assert last["preference_accuracy"] > 0.6 and last["reward_margin"] > 0
+    # a pair with the same reply twice is refused with its line number
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n"
+                    + json.dumps({"prompt": "p", "chosen": "same", "rejected": "same "}) + "\n")
+    with pytest.raises(SystemExit):
+        finetune.main([f"--init_from={init}", "--task=dpo", f"--data={path}", f"--out_dir={tmp_path / 'o'}",
+                       "--device=cpu"])
+    assert "line 2: chosen and rejected are the same reply" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
 # bench.py: speed, budgets and evals
 
 # Tests for bench.py: budget arithmetic against hand-computed values, the multiple-choice

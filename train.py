@@ -1057,7 +1057,9 @@ def resume_run(run: Run) -> None:
     if ck["vocab_size"] != run.tok.n_vocab or not same_tokenizer:
         raise ValueError(f"{path} was trained with another tokenizer than {run.tok_path}; "
                          f"resume on its dataset ({ck.get('dataset')}) or use a new --out_dir")
-    run.raw.load_state_dict(ck["model"])
+    # "resume_weights", where present, are the weights to go on from when they differ from the
+    # ones to use (finetune.py's LoRA: base and adapters apart, "model" has them merged)
+    run.raw.load_state_dict(ck.get("resume_weights") or ck["model"])
     states = [ck["optimizer"]] + ([ck["optimizer_muon"]] if ck.get("optimizer_muon") else [])
     if len(states) != len(run.optimizers):
         raise ValueError(f"{path} was trained with --optimizer={ck['config']['optimizer']}; resume "
