@@ -55,7 +55,8 @@ import torch.nn.functional as F
 
 import train
 from model import GPT
-from tokenizer import CHAT_ROLES, Tokenizer, file_sha256, parse_config
+from sample import load_for_sampling
+from tokenizer import CHAT_ROLES, Tokenizer, parse_config
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -601,29 +602,18 @@ class DPOObjective(nn.Module):
 CHAT_TOKENS = ("<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 
 
-def load_pretrained(init_from: str) -> tuple[GPT, dict, Tokenizer, str]:
-    """(model, its checkpoint, tokenizer, tokenizer path) from a train.py out_dir: best.pt
-    if there is one (the best validation loss), else ckpt.pt, and the tokenizer beside it,
-    which must be the one the checkpoint was trained with (sha256)."""
-    names = [n for n in ("best.pt", "ckpt.pt") if os.path.exists(os.path.join(init_from, n))]
-    if not os.path.isdir(init_from) or not names:
-        raise FileNotFoundError(f"--init_from={init_from} holds no best.pt or ckpt.pt; run "
-                                f"`python train.py` first (it writes out/), or point at its "
-                                f"out_dir")
-    path, tok_path = os.path.join(init_from, names[0]), os.path.join(init_from, "tokenizer.bpe")
-    model, ck = train.load_checkpoint(path)
-    if not os.path.exists(tok_path):
-        raise FileNotFoundError(f"{tok_path} is missing: {path} needs the tokenizer it was trained "
-                                f"with; copy it from the dataset folder ({ck.get('dataset')})")
-    if ck.get("tokenizer_sha256") and file_sha256(tok_path) != ck["tokenizer_sha256"]:
-        raise ValueError(f"{tok_path} is not the tokenizer {path} was trained with (its sha256 "
-                         f"differs); copy the right tokenizer.bpe into {init_from}")
-    tok = Tokenizer.load(tok_path)
+def load_pretrained(init_from: str) -> tuple[GPT, Tokenizer, str]:
+    """(model, tokenizer, tokenizer path) from a train.py out_dir, through sample.py's loader
+    (the one reader of out_dirs): best.pt if there is one, else ckpt.pt, and the tokenizer
+    beside it, checked to be the one the checkpoint was trained with. Example: "out" ->
+    (the GPT of 1.38M parameters, its Tokenizer of 4,096 ids, "out/tokenizer.bpe")."""
+    model, tok, _ = load_for_sampling(init_from, device="cpu")
+    tok_path = os.path.join(init_from, "tokenizer.bpe")
     missing = [t for t in CHAT_TOKENS if t not in tok.special_tokens]
     if missing:
         raise ValueError(f"{tok_path} has no {', '.join(missing)}: the chat template needs them; "
                          f"retrain the tokenizer with tokenizer.py, whose tokenizers all have them")
-    return model, ck, tok, tok_path
+    return model, tok, tok_path
 
 
 # -----------------------------------------------------------------------------
@@ -695,15 +685,16 @@ def train_config(cfg: FinetuneConfig, block_size: int) -> train.TrainConfig:
                              resume=cfg.resume)
 
 
-def load_task_data(cfg: FinetuneConfig, tok: Tokenizer, block_size: int, log) -> tuple:
-    """(training batches, held-out batches, held-out chat examples for exact match) of the
-    task: conversations for sft, preference pairs for dpo; from --data or built in."""
+def read_task_data(cfg: FinetuneConfig) -> tuple[list, list, list]:
+    """(training set, held-out set, held-out chat examples for exact match) of the task:
+    conversations for sft, preference pairs for dpo; from --data (checked line by line before
+    anything else is loaded, so a bad file fails at once) or built in."""
     if cfg.task == "sft":
         if cfg.data:
             train_set, val_set = split_examples(read_examples(cfg.data), cfg.val_fraction)
         else:
             train_set, val_set = builtin_task(cfg.builtin_train, cfg.builtin_val, cfg.seed)
-        batches, val_chats = ChatBatches, val_set
+        return train_set, val_set, val_set
     else:
         if cfg.data:
             pairs = read_examples(cfg.data, pair_from_json)
@@ -711,9 +702,16 @@ def load_task_data(cfg: FinetuneConfig, tok: Tokenizer, block_size: int, log) ->
         else:
             train_set, val_set = (builtin_pairs(e, cfg.seed) for e in
                                   builtin_task(cfg.builtin_train, cfg.builtin_val, cfg.seed))
-        batches = PairBatches
         val_chats = [{"messages": [{"role": "user", "content": p["prompt"]},
                                    {"role": "assistant", "content": p["chosen"]}]} for p in val_set]
+        return train_set, val_set, val_chats
+
+
+def encode_task_data(cfg: FinetuneConfig, sets: tuple, tok: Tokenizer, block_size: int,
+                     log) -> tuple:
+    """(training batches, held-out batches): the sets rendered with the chat template."""
+    train_set, val_set, _ = sets
+    batches = ChatBatches if cfg.task == "sft" else PairBatches
     train_data = batches(tok, train_set, block_size, cfg.seed, "training")
     val_data = batches(tok, val_set, block_size, cfg.seed, "held-out")
     what = "examples" if cfg.task == "sft" else "preference pairs"
@@ -721,7 +719,7 @@ def load_task_data(cfg: FinetuneConfig, tok: Tokenizer, block_size: int, log) ->
         f"{len(val_data.examples):,} held-out {what}; {train_data.truncated + val_data.truncated} "
         f"cut to block_size={block_size}, {train_data.dropped + val_data.dropped} dropped (no "
         f"reply token left)")
-    return train_data, val_data, val_chats
+    return train_data, val_data
 
 
 def setup_finetune(cfg: FinetuneConfig) -> tuple[train.Run, ChatBatches, list]:
@@ -731,11 +729,13 @@ def setup_finetune(cfg: FinetuneConfig) -> tuple[train.Run, ChatBatches, list]:
     rank, world, device, dtype, why = train.start_processes(cfg)
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     log(f"device: {device} ({why})")
-    model, _, tok, tok_path = load_pretrained(cfg.init_from)
+    sets = read_task_data(cfg)
+    model, tok, tok_path = load_pretrained(cfg.init_from)
     mcfg, block_size = model.config, model.config.block_size
     tcfg = train.resolve_config(train_config(cfg, block_size), device)
     log("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
-    train_data, val_data, val_examples = load_task_data(cfg, tok, block_size, log)
+    train_data, val_data = encode_task_data(cfg, sets, tok, block_size, log)
+    val_examples = sets[2]
     torch.manual_seed(cfg.seed)  # the adapters' initial weights, then dropout
     model = model.to(device).train()
     if cfg.lora_rank:
