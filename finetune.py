@@ -743,6 +743,9 @@ def setup_finetune(cfg: FinetuneConfig) -> tuple[train.Run, ChatBatches, list]:
         names = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets)
         log(f"LoRA: rank {cfg.lora_rank}, alpha {cfg.lora_alpha} on {len(names)} matrices "
             f"({', '.join(sorted({n.split('.')[-1] for n in names}))}); the rest is frozen")
+    # subtle: DPO's frozen reference is copied here, before --resume loads the later weights:
+    # the reference is always the model the preference tuning started from
+    objective = DPOObjective(model, cfg.beta) if cfg.task == "dpo" else None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"trainable parameters: {trainable:,} of {sum(p.numel() for p in model.parameters()):,}")
     micro_bs, accum, step_rows, total_tokens = train.batch_geometry(tcfg, block_size, world)
@@ -764,8 +767,8 @@ def setup_finetune(cfg: FinetuneConfig) -> tuple[train.Run, ChatBatches, list]:
         if not cfg.resume:
             open(os.path.join(cfg.out_dir, "log.jsonl"), "w").close()
     train.wrap_model(run)
-    if cfg.task == "dpo":  # what train_step runs: the DPO loss of the policy, run.raw
-        run.model = DPOObjective(run.raw, cfg.beta)
+    if objective is not None:  # what train_step runs: the DPO loss of the policy, run.raw
+        run.model = objective
     return run, val_data, val_examples
 
 

@@ -2642,10 +2642,12 @@ def test_finetune_tiny_model_learns_the_builtin_task(_ft_pretrained, tmp_path):
     assert log[-1]["exact_match"] == s["exact_match"] and log[-1]["val_loss"] < 1.5
 
 
-@pytest.mark.parametrize("lora", [0, 4])
-def test_finetune_resume_is_bit_identical(_ft_pretrained, tmp_path, lora):
+@pytest.mark.parametrize("task, lora", [("sft", 0), ("sft", 4), ("dpo", 0)])
+def test_finetune_resume_is_bit_identical(_ft_pretrained, tmp_path, task, lora):
+    # dpo without LoRA: the resumed run's reference must still be the starting model
     init, _ = _ft_pretrained
-    kw = dict(max_steps=6, lora_rank=lora, lora_dropout=0.1 if lora else 0.0, log_interval=1)
+    kw = dict(task=task, max_steps=6, lora_rank=lora, lora_dropout=0.1 if lora else 0.0, log_interval=1,
+              learning_rate=3e-3)
     finetune.finetune(_ft_cfg(init, tmp_path / "a", **kw))
     finetune.finetune(_ft_cfg(init, tmp_path / "b", stop_step=3, **kw))
     finetune.finetune(_ft_cfg(init, tmp_path / "b", resume=True, **kw))
