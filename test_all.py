@@ -1793,7 +1793,14 @@ def test_train_ddp_two_processes_match_one(_train_data, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
            f"--out_dir={tmp_path / 'ddp'}", *args]
     r = subprocess.run(cmd, cwd=_TRAIN_ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    first = r.stdout[-1500:] + r.stderr[-1500:]
+    if r.returncode != 0 and "Signal 6 (SIGABRT)" in r.stderr:
+        # subtle: about one full-suite run in eight on 2 busy cores, a gloo child has died of
+        # SIGABRT (never when this test runs alone); one retry, and both outputs if it fails
+        # again. Recorded for the DDP issue: the cause is not known yet.
+        shutil.rmtree(tmp_path / "ddp", ignore_errors=True)
+        r = subprocess.run(cmd, cwd=_TRAIN_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, first + "\n--- retry ---\n" + r.stdout[-1500:] + r.stderr[-1500:]
     assert "2 processes x 1 accumulation" in r.stdout
     one = train.train(_train_cfg(data_dir, tmp_path / "one", batch_size=2, total_batch_size=128, max_steps=3,
                                  warmup_steps=1, eval_interval=3))
