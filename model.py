@@ -443,44 +443,13 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             block.attn.manual = bool(value)
 
-    def forward(self, idx, targets=None, kv_cache=None, start_pos: int = 0, left_pad=None):
+    def forward(self, idx, targets=None, kv_cache=None, start_pos: int = 0, left_pad=None,
+                segments=None):
         """idx (B, T) token ids at positions start_pos..start_pos+T-1.
         targets (B, T): returns logits (B, T, V) and the mean cross-entropy over targets != -100
         (finetune.py masks prompts with -100); without targets: logits (B, 1, V) of the last
-        position only, and loss None. kv_cache: a KVCache that receives this chunk's keys and
-        values. left_pad (B,): rows are left-padded by this many tokens; the pads are never
-        attended to and real tokens are numbered from 0 (used by generate)."""
-        B, T = idx.shape
-        cfg = self.config
-        if start_pos + T > cfg.block_size:  # wpe and the RoPE tables end at block_size
-            raise ValueError(f"sequence of {start_pos + T} tokens is longer than block_size="
-                             f"{cfg.block_size}; crop the input or use a config with a larger "
-                             "block_size.")
-        positions = torch.arange(start_pos, start_pos + T, device=idx.device)  # (T,)
-        if left_pad is not None:  # row b's first real token is position 0; its pads clamp to 0
-            positions = (positions[None, :] - left_pad[:, None]).clamp(min=0)  # (B, T)
-        x = self.transformer.wte(idx)  # (B, T, C)
-        if self.transformer.wpe is not None:
-            x = x + self.transformer.wpe(positions)  # (B, T, C), broadcasts over B if (T,)
-        x = self.transformer.drop(x)  # (B, T, C)
-        cos = sin = None
-        if self.rope_cos is not None and left_pad is None:
-            cos = self.rope_cos[start_pos:start_pos + T]  # (T, hs)
-            sin = self.rope_sin[start_pos:start_pos + T]  # (T, hs)
-        elif self.rope_cos is not None:  # every row has its own positions
-            cos = self.rope_cos[positions].unsqueeze(1)  # (B, 1, T, hs)
-            sin = self.rope_sin[positions].unsqueeze(1)  # (B, 1, T, hs)
-        mask = self._attention_mask(T, start_pos, left_pad, idx.device)  # None or (B|1, 1, T, S)
-        # checkpointing saves memory only when backward will run, and a cache is for inference
-        use_ckpt = (self.grad_checkpoint and self.training and torch.is_grad_enabled()
-                    and kv_cache is None)
-        for layer, block in enumerate(self.transformer.h):
-            if use_ckpt:  # keep only block inputs; recompute the inside during backward
-                x = checkpoint(block, x, cos, sin, None, layer, start_pos, mask,
-                               use_reentrant=False)  # (B, T, C)
-            else:
-                x = block(x, cos, sin, kv_cache, layer, start_pos, mask)  # (B, T, C)
-        x = self.transformer.ln_f(x)  # (B, T, C)
+        position only, and loss None. kv_cache, left_pad, segments: see hidden_states."""
+        x = self.hidden_states(idx, kv_cache, start_pos, left_pad, segments)  # (B, T, C)
         if targets is None:
             # (B, 1, V): generation needs only the last position; the list [-1] keeps the T axis
             return self.lm_head(x[:, [-1], :]), None
@@ -490,6 +459,68 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-100, reduction="sum")  # (B*T, V) vs (B*T,)
         return logits, loss / (targets != -100).sum().clamp(min=1)
+
+    def hidden_states(self, idx, kv_cache=None, start_pos: int = 0, left_pad=None,
+                      segments=None):
+        """The trunk: embeddings, every block, the final norm; (B, T) ids -> (B, T, C), what
+        lm_head (or finetune.py's classification head) reads.
+        kv_cache: a KVCache that receives this chunk's keys and values. left_pad (B,): rows are
+        left-padded by this many tokens; the pads are never attended to and real tokens are
+        numbered from 0 (used by generate). segments (B, T): packed rows, several examples
+        side by side; equal ids mark one example (contiguous), a token attends only inside its
+        own example and positions restart at 0 at each example's start, so every example is
+        computed exactly as it would be alone (finetune.py --pack).
+        Example: segments [[0, 0, 0, 1, 1]] -> positions [0, 1, 2, 0, 1]; token 3 sees only 3."""
+        B, T = idx.shape
+        cfg = self.config
+        if start_pos + T > cfg.block_size:  # wpe and the RoPE tables end at block_size
+            raise ValueError(f"sequence of {start_pos + T} tokens is longer than block_size="
+                             f"{cfg.block_size}; crop the input or use a config with a larger "
+                             "block_size.")
+        if segments is not None and (left_pad is not None or kv_cache is not None or start_pos):
+            raise ValueError("segments (packed rows) are for training and scoring whole rows; "
+                             "they cannot be combined with left_pad, a kv_cache or start_pos")
+        positions = torch.arange(start_pos, start_pos + T, device=idx.device)  # (T,)
+        if left_pad is not None:  # row b's first real token is position 0; its pads clamp to 0
+            positions = (positions[None, :] - left_pad[:, None]).clamp(min=0)  # (B, T)
+        if segments is not None:  # each example counts from 0 again
+            positions = self._segment_positions(segments)  # (B, T)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.transformer.wpe is not None:
+            x = x + self.transformer.wpe(positions)  # (B, T, C), broadcasts over B if (T,)
+        x = self.transformer.drop(x)  # (B, T, C)
+        cos = sin = None
+        if self.rope_cos is not None and positions.dim() == 1:
+            cos = self.rope_cos[start_pos:start_pos + T]  # (T, hs)
+            sin = self.rope_sin[start_pos:start_pos + T]  # (T, hs)
+        elif self.rope_cos is not None:  # every row has its own positions
+            cos = self.rope_cos[positions].unsqueeze(1)  # (B, 1, T, hs)
+            sin = self.rope_sin[positions].unsqueeze(1)  # (B, 1, T, hs)
+        mask = self._attention_mask(T, start_pos, left_pad, idx.device)  # None or (B|1, 1, T, S)
+        if segments is not None:  # causal, and inside one example only
+            same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+            mask = same[:, None] & torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+        # checkpointing saves memory only when backward will run, and a cache is for inference
+        use_ckpt = (self.grad_checkpoint and self.training and torch.is_grad_enabled()
+                    and kv_cache is None)
+        for layer, block in enumerate(self.transformer.h):
+            if use_ckpt:  # keep only block inputs; recompute the inside during backward
+                x = checkpoint(block, x, cos, sin, None, layer, start_pos, mask,
+                               use_reentrant=False)  # (B, T, C)
+            else:
+                x = block(x, cos, sin, kv_cache, layer, start_pos, mask)  # (B, T, C)
+        return self.transformer.ln_f(x)  # (B, T, C)
+
+    @staticmethod
+    def _segment_positions(segments):
+        """(B, T) example ids of packed rows -> each token's position inside its example."""
+        T = segments.size(1)
+        idx = torch.arange(T, device=segments.device).expand_as(segments)  # (B, T)
+        starts = torch.ones_like(segments, dtype=torch.bool)
+        starts[:, 1:] = segments[:, 1:] != segments[:, :-1]  # an example begins here
+        # the latest start at or before each column: a running maximum of the start columns
+        first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values  # (B, T)
+        return idx - first  # (B, T)
 
     @staticmethod
     def _attention_mask(T, start_pos, left_pad, device):

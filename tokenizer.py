@@ -344,10 +344,12 @@ class Tokenizer:
             raise ValueError("a special token's id collides with a mergeable token or another "
                              "special token")
         next_id = max(taken) + 1
-        for s in SPECIAL_TOKENS:
-            if s not in specials:
-                specials[s] = next_id
-                next_id += 1
+        # the ones added here, which a model trained on the given vocabulary has never seen
+        # (GPT-2's has only <|endoftext|>): finetune.py gives them embedding rows
+        self.added_specials = [s for s in SPECIAL_TOKENS if s not in specials]
+        for s in self.added_specials:
+            specials[s] = next_id
+            next_id += 1
         self.special_tokens = specials  # name -> id
         # ids run 0..n_vocab-1 (an imported vocabulary may leave gaps: an embedding row each)
         self.n_vocab = max(max(self.ranks.values()), max(specials.values())) + 1

@@ -635,21 +635,23 @@ def accumulate_gradients(model, batch_fn, micro_bs: int, accum: int, ctx, scaler
     """Forward and backward over `accum` micro-batches of micro_bs rows; gradients end up as those
     of the mean loss over all rows (each micro-loss is divided by accum). Under DDP the all-reduce
     runs only on the last micro-step (no_sync before). Returns the mean loss (detached).
-    batch_fn(lo, hi) gives rows lo..hi of this process's share of the step as (inputs, targets);
-    targets of -100 carry no loss (finetune.py masks its prompts that way)."""
+    batch_fn(lo, hi) gives rows lo..hi of this process's share of the step as (inputs, targets),
+    or (inputs, targets, keyword arguments for the forward: finetune.py's packed rows pass
+    segments); targets of -100 carry no loss (finetune.py masks its prompts that way)."""
     # Dividing each micro-batch's mean loss by accum makes the summed gradients those of the mean
     # over the whole step, so accum micro-batches of B rows train exactly like one batch of
     # accum x B rows (tested against a single large batch).
     total = 0.0
     for m in range(accum):
-        x, y = batch_fn(m * micro_bs, (m + 1) * micro_bs)
+        x, y, *extra = batch_fn(m * micro_bs, (m + 1) * micro_bs)
+        kwargs = extra[0] if extra else {}
         last = m == accum - 1
         # under DDP, no_sync() skips the all-reduce: only the last micro-step pays for it
         no_sync = getattr(model, "no_sync", None)
         sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
         with sync:
             with ctx:
-                logits, loss = model(x, y)
+                logits, loss = model(x, y, **kwargs)
             # after the forward, as a real OOM: this frame holds the activations
             if FAULTS["oom"] > 0:
                 FAULTS["oom"] -= 1
@@ -1080,14 +1082,17 @@ def resume_run(run: Run) -> None:
             f"{fmt_time(run.elapsed_before)} of training so far)")
 
 
-def wrap_model(run: Run) -> None:
+def wrap_model(run: Run, objective: torch.nn.Module | None = None) -> None:
     """torch.compile (CUDA by default), then DDP; run.raw stays the plain module that is saved,
     so checkpoints never carry the "_orig_mod." or "module." prefixes the wrappers add.
-    DDP all-reduces the gradients during backward, bucket by bucket (Li et al. 2020)."""
-    run.model = run.raw
+    DDP all-reduces the gradients during backward, bucket by bucket (Li et al. 2020).
+    objective: a module whose forward(x, y) returns (anything, loss) around run.raw (finetune.py's
+    DPO and classification losses); it is what gets wrapped and what train_step runs, so DDP
+    sees the whole loss computation."""
+    run.model = objective if objective is not None else run.raw
     if run.cfg.compile == "true" or (run.cfg.compile == "auto" and run.device.type == "cuda"):
         run.log("compiling the model with torch.compile (the first steps are slow)")
-        run.model = torch.compile(run.raw)
+        run.model = torch.compile(run.model)
     run.eval_model = run.model
     if run.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
