@@ -5,17 +5,21 @@ Run it (after `python train.py`):
     python finetune.py                                  # the built-in task, from out/ into out-sft/
     python finetune.py --max_steps=100 --eval_interval=50   # a quick look
     python finetune.py --data=chats.jsonl               # your chat or Alpaca JSONL
+    python finetune.py --pack                           # several examples a row, each on its own
     python finetune.py --lora_rank=8                    # LoRA adapters instead of all the weights
     python finetune.py --resume                         # continue out-sft/ckpt.pt exactly
     python sample.py --out_dir=out-sft --chat           # then talk to it
     python finetune.py --task=dpo --init_from=out-sft --out_dir=out-dpo   # preference tuning
+    python finetune.py --task=classify --out_dir=out-cls    # a classification head
+    python finetune.py --init_from=path/to/hf_gpt2      # start from a Hugging Face directory
     python finetune.py -h                               # every option
 
 What it does: each example is a conversation, rendered with tokenizer.encode_chat (the one
 template sample.py --chat also uses: <|role|> content <|end|> per message). The model learns
 only the assistant's tokens, their <|end|> included: every other target is -100, which the
-loss ignores. Batches are right-padded with <|pad|> (pad targets -100 too); an example
-longer than the context is cut to it, and counted. Training is train.py's own step
+loss ignores. Batches are right-padded with <|pad|> (pad targets -100 too), or with --pack
+filled with several examples per row, each attending only to itself (GPT.forward's segments);
+an example longer than the context is cut to it, and counted. Training is train.py's own step
 (train.train_step over a train.Run: warmup and cosine, clipping, the out-of-memory fallback,
 the non-finite guard) with fine-tuning batches; checkpoints are train.py checkpoints, so
 sample.py loads out-sft/ as it loads out/.
@@ -30,22 +34,37 @@ policy learns to prefer the chosen reply more than the reference model (the star
 a frozen copy, or the same weights with the LoRA adapters switched off) does. The built-in
 pairs set the right answer against a near miss (two list entries swapped, a number off by one).
 
-Not here yet: packing several examples into one row, a classification head, starting from a
-Hugging Face model or a tokenizer without the chat tokens, and multi-process runs (one
-process only has been tested).
+--task=classify puts a linear head on the last token (each text ends in <|end|>) and trains
+it with the model, on {"text", "label"} JSONL or on the built-in task: which of four stdlib
+packages (asyncio, email, multiprocessing, unittest) a function of this Python comes from,
+held out by file. Accuracy is printed before (a random head: chance) and after.
+
+--init_from may be a Hugging Face directory (GPT-2 or Llama family, read by model.py). A
+tokenizer without the chat tokens (GPT-2's has only <|endoftext|>) gets them, and the model
+gets rows for them at the mean embedding; the first lines say so.
+
+Multi-process runs: torchrun --nproc_per_node=N finetune.py ... uses train.py's DDP with the
+task's loss inside the wrapped module; batch_size examples per step are split over the
+processes, and 2 CPU processes end where 1 does (sft and classify are tested).
 
 Sources: Ouyang et al. 2022 (InstructGPT: supervised fine-tuning on demonstrations, loss on
 the response only); Taori et al. 2023 (the Alpaca format); Hu et al. 2021 (LoRA); Rafailov
-et al. 2023 (DPO).
+et al. 2023 (DPO); Krell et al. 2021 (packing without cross-contamination: a block-diagonal
+mask, positions restarted per example); Raschka 2024, ch. 6 (a last-token classification
+head); Hewitt 2021 ("Initializing new word embeddings": the mean of the old ones).
 """
 
+import ast
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
 import random
 import sys
+import sysconfig
+import textwrap
 import time
 from dataclasses import asdict, dataclass
 
@@ -54,9 +73,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import train
-from model import GPT
+from model import GPT, GPTConfig
 from sample import load_for_sampling
-from tokenizer import CHAT_ROLES, Tokenizer, parse_config
+from tokenizer import CHAT_ROLES, Tokenizer, list_text_files, parse_config, read_text_file
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -64,11 +83,14 @@ from tokenizer import CHAT_ROLES, Tokenizer, parse_config
 
 @dataclass
 class FinetuneConfig:
-    task: str = "sft"  # "sft" (instructions), or "dpo" (preference pairs, after sft)
-    init_from: str = "out"  # a train.py out_dir (best.pt, else ckpt.pt, and its tokenizer.bpe)
-    data: str = ""  # JSONL: chat or Alpaca (sft), prompt/chosen/rejected (dpo); "" = built-in
+    task: str = "sft"  # "sft" (instructions), "dpo" (preference pairs, after sft), "classify"
+    init_from: str = "out"  # a train.py/finetune.py out_dir, or a Hugging Face model dir
+    data: str = ""  # JSONL: chat or Alpaca (sft), prompt/chosen/rejected (dpo), text/label
+    # (classify); "" = the task's built-in data
     out_dir: str = "out-sft"  # ckpt.pt, best.pt, tokenizer.bpe, log.jsonl, loss.svg
     val_fraction: float = 0.05  # of a JSONL file's examples held out (every 20th)
+    pack: bool = False  # sft: pack a step's examples into as few rows as fit, each attending
+    # only to itself (instead of padding every row to the longest)
     # LoRA (Hu et al. 2021): 0 = full fine-tuning of every weight
     lora_rank: int = 0  # rank r of the adapters B A added to the target matrices
     lora_alpha: float = 16.0  # the adapters' output is scaled by alpha / r
@@ -103,13 +125,17 @@ class FinetuneConfig:
 # starts from that model and needs a 20x smaller lr, or it unlearns the answers while the
 # preference margin grows (2e-3: exact match 83.5% -> 54% in 100 steps; 1e-4: 83.5% -> 81.5%).
 TASK_DEFAULTS = {"sft": dict(max_steps=1500, batch_size=32, learning_rate=2e-3),
-                 "dpo": dict(max_steps=300, batch_size=16, learning_rate=1e-4)}
+                 "dpo": dict(max_steps=300, batch_size=16, learning_rate=1e-4),
+                 "classify": dict(max_steps=300, batch_size=32, learning_rate=1e-3)}
 
 
 def resolve_task_defaults(cfg: FinetuneConfig) -> FinetuneConfig:
     """A copy of cfg with the task's defaults filled in and the task checked."""
     if cfg.task not in TASK_DEFAULTS:
         raise ValueError(f"--task={cfg.task} is not one of {', '.join(TASK_DEFAULTS)}")
+    if cfg.pack and cfg.task != "sft":
+        raise ValueError(f"--pack packs chat examples for --task=sft; --task={cfg.task} pads its "
+                         f"rows, so drop --pack")
     cfg = FinetuneConfig(**asdict(cfg))
     for key, value in TASK_DEFAULTS[cfg.task].items():
         if not getattr(cfg, key):
@@ -267,12 +293,46 @@ def pad_rows(rows: list, pad_id: int, device) -> tuple[torch.Tensor, torch.Tenso
     return x.to(device), y.to(device)
 
 
+def pack_rows(rows: list, pad_id: int, block_size: int, device) -> tuple:
+    """[(inputs, targets)] -> (inputs, targets, {"segments": ...}), each (R, T) with R <= B:
+    the examples packed into as few rows of at most block_size tokens as first-fit decreasing
+    finds (longest first, each into the first row with room). segments numbers the examples
+    inside each row (the pad tail gets a number of its own), and GPT.forward(segments=...)
+    lets a token attend only within its own example, with positions restarting at 0: each
+    example is computed as it would be alone, so the loss equals pad_rows' on the same rows.
+    Example: lengths 5, 3, 2 with block_size 8 -> rows [5 | 3] and [2 + 6 pads]."""
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    bins = []  # [tokens used, [example indices]]
+    for i in order:
+        n = len(rows[i][0])
+        for b in bins:
+            if b[0] + n <= block_size:
+                b[0] += n
+                b[1].append(i)
+                break
+        else:
+            bins.append([n, [i]])
+    T = max(used for used, _ in bins)
+    xs, ys, segs = [], [], []
+    for used, members in bins:
+        x, y, s = [], [], []
+        for k, i in enumerate(members):
+            x, y, s = x + rows[i][0], y + rows[i][1], s + [k] * len(rows[i][0])
+        xs.append(x + [pad_id] * (T - used))
+        ys.append(y + [-100] * (T - used))
+        segs.append(s + [len(members)] * (T - used))
+    as_tensor = lambda v: torch.tensor(v).to(device)
+    return as_tensor(xs), as_tensor(ys), {"segments": as_tensor(segs)}
+
+
 class ChatBatches:
     """Encoded examples with a resumable position, like train.TokenWindows: row r of the run is
     example perm_e[r mod N] of epoch e = r // N, a pure function of (seed, r), so resuming needs
-    only the counter `rows` and any split of a step into micro-batches gives the same batch."""
+    only the counter `rows` and any split of a step into micro-batches gives the same batch.
+    pack=True: batch() packs its examples (pack_rows) instead of padding them (pad_rows)."""
 
-    def __init__(self, tok: Tokenizer, examples: list, block_size: int, seed: int, name: str):
+    def __init__(self, tok: Tokenizer, examples: list, block_size: int, seed: int, name: str,
+                 pack: bool = False):
         encoded = [encode_example(tok, e["messages"], block_size) for e in examples]
         self.truncated = sum(t for _, _, t in encoded)
         kept = [(x, y) for x, y, _ in encoded if any(v != -100 for v in y)]
@@ -281,6 +341,7 @@ class ChatBatches:
             raise ValueError(f"no {name} example keeps a reply token within the model's "
                              f"{block_size}-token context; shorten the prompts")
         self.examples, self.seed, self.pad_id, self.rows = kept, seed, tok.pad_id, 0
+        self.pack, self.block_size = pack, block_size
         self._order = (-1, [])  # (epoch, its permutation of the examples)
 
     def example(self, row: int) -> tuple[list, list]:
@@ -290,9 +351,30 @@ class ChatBatches:
             self._order = (epoch, random.Random(f"{self.seed}-{epoch}").sample(range(n), n))
         return self.examples[self._order[1][pos]]
 
-    def batch(self, rows: range, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets) (B, T) for these rows, right-padded (pad_rows)."""
-        return pad_rows([self.example(r) for r in rows], self.pad_id, device)
+    def batch(self, rows: range, device) -> tuple:
+        """(inputs, targets) (B, T) for these rows, right-padded (pad_rows), or packed
+        (pack_rows: fewer rows, and the segments for the forward)."""
+        examples = [self.example(r) for r in rows]
+        if self.pack:
+            return pack_rows(examples, self.pad_id, self.block_size, device)
+        return pad_rows(examples, self.pad_id, device)
+
+
+class ReplyLoss(nn.Module):
+    """forward(x, y, weight=1.0, **kw) -> (None, weight * the model's mean reply loss): what
+    train_step runs for sft. The weight makes a step's loss the mean over all its reply tokens,
+    however the step is split: train.py averages micro-batch means (each over accum, then over
+    processes), which weights a token by 1 / (its micro-batch's token count); with weight =
+    n_micro * step_rows / (micro rows * n_step) each token counts 1 / n_step (chat_batches).
+    One micro-batch on one process: weight 1, the plain mean."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, y, weight: float = 1.0, **kwargs):
+        _, loss = self.model(x, y, **kwargs)
+        return None, loss * weight
 
 
 # -----------------------------------------------------------------------------
@@ -597,23 +679,234 @@ class DPOObjective(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# Classification: a head on the last token (as the book's spam classifier, Raschka ch. 6)
+
+# The built-in task: which of these standard-library packages a function comes from, read from
+# this Python's own source. A causal model's last position has attended to every token before
+# it, so its hidden state summarises the text; a linear head maps it to one score per class.
+# Each text ends in <|end|>, so the position the head reads is the same token in every example.
+# The held-out functions come from held-out files (every 5th file of a package), so the test
+# is on code the head never saw, not on near copies of methods of the same class.
+CLASSIFY_PACKAGES = ("asyncio", "email", "multiprocessing", "unittest")
+CLASSIFY_CHARS = 1200  # characters of a function kept (its start); the context cuts it again
+
+
+@functools.lru_cache(maxsize=None)  # parsing a package takes a second; its files do not change
+def stdlib_functions(package: str) -> tuple[tuple[str, str], ...]:
+    """((file relative to the stdlib, source of one function), ...) for every function and
+    method of at least 3 lines in the package's .py files (sorted, tests included), dedented.
+    Example: "email" -> (("email/_encoded_words.py", "def decode_q(encoded):\n..."), ...)."""
+    root = sysconfig.get_paths()["stdlib"]
+    folder = os.path.join(root, package)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"the built-in classification task reads the {package} package "
+                                f"of this Python, but {folder} does not exist; pass your own "
+                                f"--data=FILE.jsonl of {{\"text\", \"label\"}} lines")
+    found = []
+    for rel, _, _ in list_text_files(folder, (".py",)):
+        path = os.path.join(folder, rel)
+        source = read_text_file(path)[0]
+        if source is None:  # binary
+            continue
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:  # lib2to3-style test data: not Python 3
+            continue
+        lines = source.split("\n")
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and \
+                    node.end_lineno - node.lineno >= 2:
+                text = textwrap.dedent("\n".join(lines[node.lineno - 1:node.end_lineno]))
+                found.append((os.path.relpath(path, root), text[:CLASSIFY_CHARS]))
+    return tuple(found)
+
+
+def builtin_classify(seed: int, packages: tuple = CLASSIFY_PACKAGES) -> tuple[list, list]:
+    """(train, val) lists of {"text", "label"}: functions of each package, the same number per
+    package in each split (the smallest package's count), so chance is 1 / len(packages)."""
+    splits = ([], [])
+    for package in packages:
+        functions = stdlib_functions(package)
+        files = sorted({f for f, _ in functions})
+        held = set(files[4::5])  # every 5th file of the package
+        for k in (0, 1):
+            chosen = [t for f, t in functions if (f in held) == bool(k)]
+            splits[k].append([{"text": t, "label": package} for t in chosen])
+    out = []
+    for k, per_package in enumerate(splits):
+        n = min(len(p) for p in per_package)
+        rng = random.Random(f"builtin-classify-{seed}-{k}")
+        balanced = [e for p in per_package for e in rng.sample(p, n)]
+        rng.shuffle(balanced)
+        out.append(balanced)
+    return out[0], out[1]
+
+
+def class_example_from_json(obj, where: str) -> dict:
+    """One classification JSONL object {"text": string, "label": string or integer}, checked."""
+    if not (isinstance(obj, dict) and isinstance(obj.get("text"), str)
+            and isinstance(obj.get("label"), (str, int)) and not isinstance(obj["label"], bool)):
+        raise ValueError(f"{where} needs a string \"text\" and a \"label\" (a string or an "
+                         f"integer) (a classification example)")
+    if not obj["text"].strip():
+        raise ValueError(f"{where}: the text is empty, so there is nothing to classify")
+    return {"text": obj["text"], "label": str(obj["label"])}
+
+
+class ClassBatches(ChatBatches):
+    """Classification examples: inputs are the text's tokens then <|end|>, cut to block_size
+    (the start kept); targets are -100 except at that last position, which holds the class
+    index, so a right-padded (B, T) batch says where the head reads and what it should say."""
+
+    def __init__(self, tok: Tokenizer, examples: list, block_size: int, seed: int, name: str,
+                 classes: list):
+        index, end = {c: i for i, c in enumerate(classes)}, tok.special_tokens["<|end|>"]
+        self.truncated, self.dropped, kept = 0, 0, []
+        for e in examples:
+            ids = tok.encode(e["text"])
+            self.truncated += len(ids) + 1 > block_size
+            ids = ids[:block_size - 1] + [end]
+            kept.append((ids, [-100] * (len(ids) - 1) + [index[e["label"]]]))
+        if not kept:
+            raise ValueError(f"no {name} example to classify")
+        self.examples, self.seed, self.pad_id, self.rows = kept, seed, tok.pad_id, 0
+        self.pack, self.block_size, self._order = False, block_size, (-1, [])
+
+
+class ClassifierObjective(nn.Module):
+    """forward(x, y) -> (class logits (B, K), cross-entropy loss) for a ClassBatches batch, so
+    train.train_step trains it like a language model. The head is model.score, a Linear from
+    the last hidden state to one logit per class, attached to the GPT so that the optimizer,
+    the checkpoints and resume carry it with the other weights. The language-model head is not
+    used; when untied it is frozen (it would get no gradient, which DDP refuses)."""
+
+    def __init__(self, model: GPT, n_classes: int):
+        super().__init__()
+        self.model = model
+        if not hasattr(model, "score"):
+            model.score = nn.Linear(model.config.n_embd, n_classes).to(model.lm_head.weight.device)
+            nn.init.normal_(model.score.weight, std=0.02)  # GPT-2's init for every matrix
+            nn.init.zeros_(model.score.bias)
+        if model.lm_head.weight is not model.transformer.wte.weight:
+            model.lm_head.weight.requires_grad_(False)
+        self.accuracy = float("nan")  # of the last batch, for the log
+
+    def forward(self, x, y):
+        h = self.model.hidden_states(x)  # (B, T, C)
+        where = y != -100  # (B, T): one True per row, the <|end|> that ends the text
+        logits = self.model.score(h[where]).float()  # (B, K)
+        labels = y[where]  # (B,)
+        self.accuracy = (logits.argmax(-1) == labels).float().mean().item()
+        return logits, F.cross_entropy(logits, labels)
+
+
+@torch.no_grad()
+def classify_heldout(objective: ClassifierObjective, val: ClassBatches, batch: int,
+                     ctx, device) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of the head over the held-out examples."""
+    was_training = objective.training
+    objective.eval()
+    loss_sum, right = 0.0, 0
+    for i in range(0, len(val.examples), batch):
+        x, y = pad_rows(val.examples[i:i + batch], val.pad_id, device)
+        with ctx:
+            logits, loss = objective(x, y)
+        loss_sum += loss.item() * len(logits)  # the batch mean, weighted back to a sum
+        right += (logits.argmax(-1) == y[y != -100]).sum().item()
+    objective.train(was_training)
+    return loss_sum / len(val.examples), right / len(val.examples)
+
+
+def load_classifier(out_dir: str, device="cpu") -> tuple[GPT, Tokenizer, list]:
+    """(model with its .score head, tokenizer, class names) from a --task=classify out_dir.
+    predict(model, tok, classes, texts) then labels texts."""
+    model, tok, _ = load_for_sampling(out_dir, device=device)
+    ckpt = "best.pt" if os.path.exists(os.path.join(out_dir, "best.pt")) else "ckpt.pt"
+    _, ck = train.load_checkpoint(os.path.join(out_dir, ckpt))
+    head = ck.get("classifier")
+    if not head:
+        raise ValueError(f"{out_dir}/{ckpt} has no classification head; it was not written by "
+                         f"finetune.py --task=classify")
+    ClassifierObjective(model, len(head["classes"]))
+    model.score.load_state_dict({"weight": head["weight"], "bias": head["bias"]})
+    return model.to(device).eval(), tok, head["classes"]
+
+
+@torch.no_grad()
+def predict(model: GPT, tok: Tokenizer, classes: list, texts: list) -> list[str]:
+    """The class name of each text, as the held-out evaluation scores it."""
+    objective = ClassifierObjective(model, len(classes)).eval()
+    device = model.lm_head.weight.device
+    data = ClassBatches(tok, [{"text": t, "label": classes[0]} for t in texts],
+                        model.config.block_size, 0, "given", classes)
+    labels = []
+    for i in range(0, len(texts), 32):
+        x, y = pad_rows(data.examples[i:i + 32], tok.pad_id, device)
+        logits, _ = objective(x, y)
+        labels += [classes[k] for k in logits.argmax(-1).tolist()]
+    return labels
+
+
+# -----------------------------------------------------------------------------
 # The pretrained model and its tokenizer
 
 CHAT_TOKENS = ("<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 
 
-def load_pretrained(init_from: str) -> tuple[GPT, Tokenizer, str]:
-    """(model, tokenizer, tokenizer path) from a train.py out_dir, through sample.py's loader
-    (the one reader of out_dirs): best.pt if there is one, else ckpt.pt, and the tokenizer
-    beside it, checked to be the one the checkpoint was trained with. Example: "out" ->
-    (the GPT of 1.38M parameters, its Tokenizer of 4,096 ids, "out/tokenizer.bpe")."""
-    model, tok, _ = load_for_sampling(init_from, device="cpu")
+def is_hf_dir(path: str) -> bool:
+    """True for a Hugging Face model directory (config.json, no train.py checkpoint): train.py's
+    out_dirs have a config.json too, but always next to ckpt.pt or best.pt."""
+    return os.path.isfile(os.path.join(path, "config.json")) and not any(
+        os.path.exists(os.path.join(path, n)) for n in ("ckpt.pt", "best.pt"))
+
+
+def grow_vocab(model: GPT, n_vocab: int, fresh_ids: list) -> int:
+    """Give the model an embedding row (and head row) for every id below n_vocab, the table
+    padded up to a multiple of 64 as train.py pads it; rows added, and the rows of fresh_ids
+    (tokens the model never saw), are set to the mean of the old rows, which keeps their
+    logits at the average instead of random (Hewitt 2021). Returns the old row count.
+    Example: GPT-2 (50,257 rows) and its BPE plus the 5 chat tokens -> 50,304 rows."""
+    old = model.config.vocab_size
+    size = max(old, -(-n_vocab // 64) * 64)
+    new_rows = list(range(old, size)) + [i for i in fresh_ids if i < old]
+    tied = model.lm_head.weight is model.transformer.wte.weight
+
+    def grown(weight):  # (old, C) -> (size, C), the new rows at the mean of the old ones
+        w = torch.cat([weight.detach(), weight.new_empty(size - old, weight.size(1))])
+        w[new_rows] = weight.detach()[:old].mean(dim=0)
+        return nn.Parameter(w)
+
+    model.transformer.wte.weight = grown(model.transformer.wte.weight)
+    model.transformer.wte.num_embeddings = size
+    model.lm_head.weight = model.transformer.wte.weight if tied else grown(model.lm_head.weight)
+    model.lm_head.out_features = size
+    model.config = GPTConfig(**{**asdict(model.config), "vocab_size": size})
+    return old
+
+
+def load_pretrained(init_from: str, log=print) -> tuple[GPT, Tokenizer, str | None]:
+    """(model, tokenizer, tokenizer path or None) from a train.py/finetune.py out_dir or a
+    Hugging Face directory, through sample.py's loader (the one reader of both): best.pt if
+    there is one, else ckpt.pt, and the tokenizer beside it, checked to be the one the
+    checkpoint was trained with. A tokenizer without the chat tokens (GPT-2's has only
+    <|endoftext|>) gets them (Tokenizer adds them after its last id), and the model rows for
+    them (grow_vocab); the path is then None, as no file holds that tokenizer yet.
+    Example: "out" -> (the GPT of 1.38M parameters, its Tokenizer, "out/tokenizer.bpe")."""
+    hf = is_hf_dir(init_from)
+    model, tok, _ = load_for_sampling(hf=init_from) if hf else load_for_sampling(init_from)
     tok_path = os.path.join(init_from, "tokenizer.bpe")
-    missing = [t for t in CHAT_TOKENS if t not in tok.special_tokens]
-    if missing:
-        raise ValueError(f"{tok_path} has no {', '.join(missing)}: the chat template needs them; "
-                         f"retrain the tokenizer with tokenizer.py, whose tokenizers all have them")
-    return model, tok, tok_path
+    rows = model.config.vocab_size
+    # chat tokens the tokenizer had to add, or that it has but the model has no row for
+    fresh = [t for t in CHAT_TOKENS if t in tok.added_specials or tok.special_tokens[t] >= rows]
+    if fresh or tok.n_vocab > rows:
+        ids = [tok.special_tokens[t] for t in fresh]
+        grow_vocab(model, tok.n_vocab, ids)
+        log(f"tokenizer: {init_from} lacks {', '.join(fresh) or 'rows for some ids'}: added as "
+            f"ids {', '.join(map(str, ids))}; the embedding and head grow from {rows:,} to "
+            f"{model.config.vocab_size:,} rows, the new ones at the mean embedding")
+        if tok.added_specials:
+            tok_path = None  # no file holds this tokenizer yet: setup_finetune writes it
+    return model.train(), tok, tok_path
 
 
 # -----------------------------------------------------------------------------
@@ -670,11 +963,15 @@ def exact_match(model: GPT, tok: Tokenizer, examples: list, device, batch: int =
 # The run: train.py's Run and phases, with fine-tuning batches
 
 
-def train_config(cfg: FinetuneConfig, block_size: int) -> train.TrainConfig:
+def train_config(cfg: FinetuneConfig, block_size: int, world: int = 1) -> train.TrainConfig:
     """The train.TrainConfig that train.py's phases read: AdamW, warmup then cosine, one
-    micro-batch of batch_size examples per step (train.py halves it on CUDA out-of-memory)."""
+    micro-batch per step and process, batch_size examples across the processes together
+    (train.py halves the micro-batch on CUDA out-of-memory)."""
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch_size={cfg.batch_size} examples per step do not split evenly "
+                         f"over {world} processes; pass a multiple of {world}")
     return train.TrainConfig(dataset=cfg.init_from, out_dir=cfg.out_dir, sampling="sequential",
-                             batch_size=cfg.batch_size,
+                             batch_size=cfg.batch_size // world,
                              total_batch_size=cfg.batch_size * block_size,
                              optimizer="adamw", learning_rate=cfg.learning_rate,
                              min_lr_ratio=cfg.min_lr_ratio, warmup_steps=cfg.warmup_steps,
@@ -686,57 +983,76 @@ def train_config(cfg: FinetuneConfig, block_size: int) -> train.TrainConfig:
 
 
 def read_task_data(cfg: FinetuneConfig) -> tuple[list, list, list]:
-    """(training set, held-out set, held-out chat examples for exact match) of the task:
-    conversations for sft, preference pairs for dpo; from --data (checked line by line before
-    anything else is loaded, so a bad file fails at once) or built in."""
+    """(training set, held-out set, what the score needs) of the task: conversations and the
+    held-out ones for sft, preference pairs and their chosen replies as conversations for dpo
+    (graded by exact match), {"text", "label"} examples and the class names for classify;
+    from --data (checked line by line before anything else is loaded, so a bad file fails at
+    once) or built in."""
     if cfg.task == "sft":
         if cfg.data:
             train_set, val_set = split_examples(read_examples(cfg.data), cfg.val_fraction)
         else:
             train_set, val_set = builtin_task(cfg.builtin_train, cfg.builtin_val, cfg.seed)
         return train_set, val_set, val_set
-    else:
+    if cfg.task == "classify":
         if cfg.data:
-            pairs = read_examples(cfg.data, pair_from_json)
-            train_set, val_set = split_examples(pairs, cfg.val_fraction)
+            examples = read_examples(cfg.data, class_example_from_json)
+            train_set, val_set = split_examples(examples, cfg.val_fraction)
         else:
-            train_set, val_set = (builtin_pairs(e, cfg.seed) for e in
-                                  builtin_task(cfg.builtin_train, cfg.builtin_val, cfg.seed))
-        val_chats = [{"messages": [{"role": "user", "content": p["prompt"]},
-                                   {"role": "assistant", "content": p["chosen"]}]} for p in val_set]
-        return train_set, val_set, val_chats
+            train_set, val_set = builtin_classify(cfg.seed)
+        classes = sorted({e["label"] for e in train_set + val_set})
+        if len(classes) < 2:
+            raise ValueError(f"{cfg.data}: every example has the label {classes[0]!r}; a "
+                             f"classifier needs at least two classes")
+        return train_set, val_set, classes
+    if cfg.data:
+        pairs = read_examples(cfg.data, pair_from_json)
+        train_set, val_set = split_examples(pairs, cfg.val_fraction)
+    else:
+        train_set, val_set = (builtin_pairs(e, cfg.seed) for e in
+                              builtin_task(cfg.builtin_train, cfg.builtin_val, cfg.seed))
+    val_chats = [{"messages": [{"role": "user", "content": p["prompt"]},
+                               {"role": "assistant", "content": p["chosen"]}]} for p in val_set]
+    return train_set, val_set, val_chats
 
 
 def encode_task_data(cfg: FinetuneConfig, sets: tuple, tok: Tokenizer, block_size: int,
                      log) -> tuple:
-    """(training batches, held-out batches): the sets rendered with the chat template."""
-    train_set, val_set, _ = sets
-    batches = ChatBatches if cfg.task == "sft" else PairBatches
-    train_data = batches(tok, train_set, block_size, cfg.seed, "training")
-    val_data = batches(tok, val_set, block_size, cfg.seed, "held-out")
-    what = "examples" if cfg.task == "sft" else "preference pairs"
+    """(training batches, held-out batches): the sets rendered with the chat template, or, for
+    classify, as texts ending in <|end|>."""
+    train_set, val_set, extra = sets
+    if cfg.task == "classify":
+        make = lambda s, name: ClassBatches(tok, s, block_size, cfg.seed, name, extra)
+        what = f"examples of {len(extra)} classes ({', '.join(extra)})"
+    elif cfg.task == "sft":
+        make = lambda s, name: ChatBatches(tok, s, block_size, cfg.seed, name, cfg.pack)
+        what = "examples" + (", packed into rows" if cfg.pack else "")
+    else:
+        make = lambda s, name: PairBatches(tok, s, block_size, cfg.seed, name)
+        what = "preference pairs"
+    train_data, val_data = make(train_set, "training"), make(val_set, "held-out")
+    dropped = train_data.dropped + val_data.dropped
     log(f"data: {cfg.data or 'the built-in task'}: {len(train_data.examples):,} training and "
         f"{len(val_data.examples):,} held-out {what}; {train_data.truncated + val_data.truncated} "
-        f"cut to block_size={block_size}, {train_data.dropped + val_data.dropped} dropped (no "
-        f"reply token left)")
+        f"cut to block_size={block_size}" + (f", {dropped} dropped (no reply token left)"
+                                             if cfg.task != "classify" else ""))
     return train_data, val_data
 
 
 def setup_finetune(cfg: FinetuneConfig) -> tuple[train.Run, ChatBatches, list]:
-    """Phase 1: device, the pretrained model, the examples, LoRA, optimizer, out_dir (cleared
-    for a fresh run, or the checkpoint loaded for --resume). Returns (run, held-out batches,
-    held-out examples)."""
+    """Phase 1: device, the pretrained model, the examples, LoRA, the task's objective,
+    optimizer, out_dir (cleared for a fresh run, or the checkpoint loaded for --resume).
+    Returns (run, held-out batches, what the score needs: see read_task_data)."""
     rank, world, device, dtype, why = train.start_processes(cfg)
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     log(f"device: {device} ({why})")
     sets = read_task_data(cfg)
-    model, tok, tok_path = load_pretrained(cfg.init_from)
+    model, tok, tok_path = load_pretrained(cfg.init_from, log)
     mcfg, block_size = model.config, model.config.block_size
-    tcfg = train.resolve_config(train_config(cfg, block_size), device)
+    tcfg = train.resolve_config(train_config(cfg, block_size, world), device)
     log("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
     train_data, val_data = encode_task_data(cfg, sets, tok, block_size, log)
-    val_examples = sets[2]
-    torch.manual_seed(cfg.seed)  # the adapters' initial weights, then dropout
+    torch.manual_seed(cfg.seed)  # the adapters' and the head's initial weights, then dropout
     model = model.to(device).train()
     if cfg.lora_rank:
         targets = tuple(t for t in cfg.lora_targets.split(",") if t) or LORA_TARGETS
@@ -744,8 +1060,14 @@ def setup_finetune(cfg: FinetuneConfig) -> tuple[train.Run, ChatBatches, list]:
         log(f"LoRA: rank {cfg.lora_rank}, alpha {cfg.lora_alpha} on {len(names)} matrices "
             f"({', '.join(sorted({n.split('.')[-1] for n in names}))}); the rest is frozen")
     # subtle: DPO's frozen reference is copied here, before --resume loads the later weights:
-    # the reference is always the model the preference tuning started from
-    objective = DPOObjective(model, cfg.beta) if cfg.task == "dpo" else None
+    # the reference is always the model the preference tuning started from. The classifier's
+    # head is made after LoRA froze the base, so it trains either way.
+    if cfg.task == "dpo":
+        objective = DPOObjective(model, cfg.beta)
+    elif cfg.task == "classify":
+        objective = ClassifierObjective(model, len(sets[2]))
+    else:
+        objective = ReplyLoss(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"trainable parameters: {trainable:,} of {sum(p.numel() for p in model.parameters()):,}")
     micro_bs, accum, step_rows, total_tokens = train.batch_geometry(tcfg, block_size, world)
@@ -753,49 +1075,64 @@ def setup_finetune(cfg: FinetuneConfig) -> tuple[train.Run, ChatBatches, list]:
         train.check_writable(cfg.out_dir)
     optimizers = train.build_optimizers(model, tcfg, device)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    out_tok = os.path.join(cfg.out_dir, "tokenizer.bpe")
     run = train.Run(tcfg, mcfg, device, dtype, rank, world, model, optimizers, scaler, micro_bs,
-                    accum, step_rows, total_tokens, cfg.init_from, {}, tok, tok_path, train_data,
+                    accum, step_rows, total_tokens, cfg.init_from, {}, tok, out_tok, train_data,
                     None, log)
     if not cfg.resume and run.master:
         train.clear_previous_run(cfg.out_dir, log)
+    if run.master:  # the tokenizer first: checkpoints (and resume) check its sha256
+        if tok_path:
+            train.copy_durably(tok_path, out_tok)
+        else:  # one grown by load_pretrained, in no file yet
+            tok.save(out_tok)
     if cfg.resume:
-        train.resume_run(run)  # continues from ck["resume_weights"]: the unmerged adapters
+        train.resume_run(run)  # continues from ck["resume_weights"]: adapters and head apart
     if run.master:
-        train.copy_durably(tok_path, os.path.join(cfg.out_dir, "tokenizer.bpe"))
         train.write_text(os.path.join(cfg.out_dir, "config.json"), json.dumps(
             {"finetune": asdict(cfg), "train": asdict(tcfg), "model": asdict(mcfg)}, indent=1))
         if not cfg.resume:
             open(os.path.join(cfg.out_dir, "log.jsonl"), "w").close()
-    train.wrap_model(run)
-    if objective is not None:  # what train_step runs: the DPO loss of the policy, run.raw
-        run.model = objective
-    return run, val_data, val_examples
+    # what train_step runs: the task's loss around the model, wrapped whole, so that under
+    # DDP the gradients of every loss are all-reduced
+    train.wrap_model(run, objective)
+    return run, val_data, sets[2]
 
 
 def chat_batches(run: train.Run):
-    """batch_fn for this step (see train.train_step): rows [lo, hi) of this process's share."""
-    first, mine = run.train_data.rows, run.rank * run.micro_bs * run.accum
+    """batch_fn for this step (see train.train_step): rows [lo, hi) of this process's share;
+    for sft with ReplyLoss's weight, so each reply token of the step counts the same."""
+    data, first = run.train_data, run.train_data.rows
+    mine = run.rank * (run.step_rows // run.world)
+    weigh = type(data) is ChatBatches
+    if weigh:  # reply tokens in the whole step, over every process
+        step_tokens = sum(sum(t != -100 for t in data.example(r)[1])
+                          for r in range(first, first + run.step_rows))
 
     def batch_fn(lo, hi):
-        return run.train_data.batch(range(first + mine + lo, first + mine + hi), run.device)
+        x, y, *extra = data.batch(range(first + mine + lo, first + mine + hi), run.device)
+        kwargs = dict(extra[0]) if extra else {}
+        if weigh:
+            kwargs["weight"] = (y != -100).sum().item() * run.step_rows / ((hi - lo) * step_tokens)
+        return x, y, kwargs
     return batch_fn
 
 
 def plain_weights(model: GPT) -> dict:
-    """The state_dict sample.py loads: with LoRA, a copy with the adapters merged into the
-    weights (W + alpha / r * B A), so the saved model has exactly a plain GPT's keys."""
-    if not any(isinstance(m, LoRALinear) for m in model.modules()):
-        return model.state_dict()
-    merged = copy.deepcopy(model)
-    merge_lora(merged)
-    return merged.state_dict()
+    """The state_dict sample.py loads: a plain GPT's keys. With LoRA, a copy with the adapters
+    merged into the weights (W + alpha / r * B A); a classifier's head is left out (saved
+    apart, as ck["classifier"])."""
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        model = copy.deepcopy(model)
+        merge_lora(model)
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("score.")}
 
 
 @torch.no_grad()
 def heldout_preferences(run: train.Run, val: PairBatches) -> tuple[float, float, float, float]:
     """(DPO loss, mean reward margin, preference accuracy, chosen ranked first) over the held-out
     pairs: accuracy compares rewards (relative to the reference), ranked-first likelihoods."""
-    objective = run.model
+    objective = run.eval_model  # the DPOObjective, without DDP: evaluation syncs nothing
     was_training = run.raw.training
     run.raw.eval()
     sums, n = [0.0, 0.0, 0.0, 0.0], 0
@@ -814,52 +1151,74 @@ def heldout_preferences(run: train.Run, val: PairBatches) -> tuple[float, float,
     return tuple(total / n for total in sums)
 
 
-def evaluate_and_save(run: train.Run, val: ChatBatches, val_examples: list,
+def score(run: train.Run, val: ChatBatches, scored: list, cfg: FinetuneConfig) -> float:
+    """The task's held-out score: exact match of greedy replies (sft, dpo) or accuracy of the
+    head (classify; its loss and accuracy come from one pass, see evaluate_and_save)."""
+    if cfg.task == "classify":
+        return classify_heldout(run.eval_model, val, run.micro_bs, run.ctx, run.device)[1]
+    return exact_match(run.raw, run.tok, scored[:cfg.eval_examples], run.device)
+
+
+def evaluate_and_save(run: train.Run, val: ChatBatches, scored: list,
                       cfg: FinetuneConfig) -> float:
     """Phase 5: the held-out loss (sft: of the replies; dpo: DPO's, with the reward margin and
-    the preference accuracy), exact match, a log row; on rank 0 ckpt.pt, best.pt when the
-    held-out loss is the lowest so far, and loss.svg. Returns the exact match."""
-    row = {"step": run.step, "tokens": run.tokens_seen}
+    the preference accuracy; classify: the head's cross-entropy), the score (exact match, or
+    accuracy), a log row; on rank 0 ckpt.pt, best.pt when the held-out loss is the lowest so
+    far, and loss.svg. Returns the score."""
+    row, extra = {"step": run.step, "tokens": run.tokens_seen}, ""
     if cfg.task == "dpo":
         loss, row["reward_margin"], row["preference_accuracy"], row["chosen_first"] = \
             heldout_preferences(run, val)
         extra = (f", reward margin {row['reward_margin']:.4f}, preference accuracy "
                  f"{100 * row['preference_accuracy']:.1f}%, chosen ranked first "
                  f"{100 * row['chosen_first']:.1f}%")
+    if cfg.task == "classify":
+        loss, value = classify_heldout(run.eval_model, val, run.micro_bs, run.ctx, run.device)
+        name, what = "accuracy", f"accuracy {100 * value:.1f}% of {len(val.examples)}"
     else:
-        loss, extra = heldout_loss(run, val), ""
-    match = exact_match(run.raw, run.tok, val_examples[:cfg.eval_examples], run.device)
-    run.history["val"].append([run.tokens_seen, loss, match])
+        loss = loss if cfg.task == "dpo" else heldout_loss(run, val)
+        value, name = score(run, val, scored, cfg), "exact_match"
+        what = f"exact match {100 * value:.1f}% of {min(len(scored), cfg.eval_examples)}"
+    run.history["val"].append([run.tokens_seen, loss, value])
     improved = loss < run.best_val
     if improved:
         run.best_val, run.best_step = loss, run.step
-    run.log(f"eval step {run.step}: held-out loss {loss:.4f}{extra}, exact match "
-            f"{100 * match:.1f}% of {min(len(val_examples), cfg.eval_examples)}"
+    run.log(f"eval step {run.step}: held-out loss {loss:.4f}{extra}, {what}"
             + (" (best)" if improved else ""))
     if run.master:
-        train.append_log(cfg.out_dir, {**row, "val_loss": loss, "exact_match": match,
+        train.append_log(cfg.out_dir, {**row, "val_loss": loss, name: value,
                                        "time": time.time() - run.t_start})
         ck = train.checkpoint_dict(run)
         ck["model"] = plain_weights(run.raw)
-        if cfg.lora_rank:
-            ck["resume_weights"] = run.raw.state_dict()  # base and adapters apart, to go on exactly
+        if cfg.lora_rank or cfg.task == "classify":
+            ck["resume_weights"] = run.raw.state_dict()  # adapters and head apart, to go on exactly
+        if cfg.task == "classify":
+            ck["classifier"] = {"classes": scored, **{k: v.detach().clone() for k, v in
+                                                      run.raw.score.state_dict().items()}}
         ck["finetune"] = asdict(cfg)
         train.save_checkpoint(run.ckpt_path, ck)
         if improved:
             train.copy_durably(run.ckpt_path, run.best_path)
         train.write_loss_svg(os.path.join(cfg.out_dir, "loss.svg"), run.history["train"],
                              run.history["val"])
-    return match
+    return value
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
-    """Fine-tune; returns {"exact_match_before", "exact_match", "val_loss", "step", ...}."""
+    """Fine-tune; returns {"score_before", "score", "val_loss", "step", ...}, the score being
+    held-out exact match (sft, dpo; also as "exact_match_before", "exact_match") or accuracy
+    (classify; also as "accuracy_before", "accuracy", with "chance": the largest class's share)."""
     cfg = resolve_task_defaults(cfg)
-    run, val, val_examples = setup_finetune(cfg)
-    before = None
+    run, val, scored = setup_finetune(cfg)
+    name = "accuracy" if cfg.task == "classify" else "exact match"
+    before, chance = None, None
+    if cfg.task == "classify":
+        labels = [y[-1] for _, y in val.examples]
+        chance = max(labels.count(k) for k in set(labels)) / len(labels)
     if not cfg.resume:  # the starting point, on the same held-out examples
-        before = exact_match(run.raw, run.tok, val_examples[:cfg.eval_examples], run.device)
-        run.log(f"exact match before fine-tuning: {100 * before:.1f}%")
+        before = score(run, val, scored, cfg)
+        run.log(f"{name} before fine-tuning: {100 * before:.1f}%"
+                + (f" (chance: {100 * chance:.1f}%, the largest class)" if chance else ""))
         if cfg.task == "dpo":
             ranked = heldout_preferences(run, val)[3]
             run.log(f"chosen ranked first before preference tuning: {100 * ranked:.1f}%")
@@ -879,17 +1238,19 @@ def finetune(cfg: FinetuneConfig) -> dict:
             if run.step % cfg.log_interval == 0 or is_last or run.step == 1:
                 train.log_progress(run, cfg.max_steps)
             if run.step % cfg.eval_interval == 0 or is_last:
-                evaluate_and_save(run, val, val_examples, cfg)
+                evaluate_and_save(run, val, scored, cfg)
         if not run.history["val"] or run.history["val"][-1][0] != run.tokens_seen:
-            evaluate_and_save(run, val, val_examples, cfg)  # stopped between evaluations
-    _, val_loss, match = run.history["val"][-1]
+            evaluate_and_save(run, val, scored, cfg)  # stopped between evaluations
+    _, val_loss, value = run.history["val"][-1]
     gain = "" if before is None else f" (before: {100 * before:.1f}%)"
-    run.log(f"done: {reason} at step {run.step}; held-out loss {val_loss:.4f}, exact match "
-            f"{100 * match:.1f}%{gain}; {train.fmt_time(time.time() - run.t_start)}; "
+    run.log(f"done: {reason} at step {run.step}; held-out loss {val_loss:.4f}, {name} "
+            f"{100 * value:.1f}%{gain}; {train.fmt_time(time.time() - run.t_start)}; "
             f"checkpoint in {run.ckpt_path}")
-    return {"step": run.step, "exact_match_before": before, "exact_match": match,
-            "val_loss": val_loss, "best_val_loss": run.best_val, "skipped_steps": run.bad_total,
-            "time_s": time.time() - run.t_start, "stop_reason": reason, "out_dir": cfg.out_dir}
+    key = name.replace(" ", "_")
+    return {"step": run.step, "score_before": before, "score": value, f"{key}_before": before,
+            key: value, "chance": chance, "val_loss": val_loss, "best_val_loss": run.best_val,
+            "skipped_steps": run.bad_total, "time_s": time.time() - run.t_start,
+            "stop_reason": reason, "out_dir": cfg.out_dir}
 
 
 # -----------------------------------------------------------------------------

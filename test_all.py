@@ -1784,23 +1784,29 @@ def test_train_nan_step_is_skipped(_train_data, tmp_path, monkeypatch):
         train.train(_train_cfg(data_dir, tmp_path / "nan4", max_steps=8, eval_interval=5))
 
 
-def test_train_ddp_two_processes_match_one(_train_data, tmp_path):
-    data_dir, _ = _train_data
-    args = [f"--dataset={data_dir}", "--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
-            "--batch_size=2", "--total_batch_size=128", "--max_steps=3", "--warmup_steps=1", "--eval_interval=3", "--learning_rate=3e-3",
-            "--eval_batches=2", "--sample_tokens=0", "--dropout=0.0"]
+def _torchrun(script, out_dir, args):
+    """script under torchrun as 2 CPU processes (gloo) writing out_dir; the finished run."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           f"--out_dir={tmp_path / 'ddp'}", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
+           f"--out_dir={out_dir}", *args]
     r = subprocess.run(cmd, cwd=_TRAIN_ROOT, env=env, capture_output=True, text=True, timeout=120)
     first = r.stdout[-1500:] + r.stderr[-1500:]
     if r.returncode != 0 and "Signal 6 (SIGABRT)" in r.stderr:
         # subtle: about one full-suite run in eight on 2 busy cores, a gloo child has died of
         # SIGABRT (never when this test runs alone); one retry, and both outputs if it fails
         # again. Recorded for the DDP issue: the cause is not known yet.
-        shutil.rmtree(tmp_path / "ddp", ignore_errors=True)
+        shutil.rmtree(out_dir, ignore_errors=True)
         r = subprocess.run(cmd, cwd=_TRAIN_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, first + "\n--- retry ---\n" + r.stdout[-1500:] + r.stderr[-1500:]
+    return r
+
+
+def test_train_ddp_two_processes_match_one(_train_data, tmp_path):
+    data_dir, _ = _train_data
+    args = [f"--dataset={data_dir}", "--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
+            "--batch_size=2", "--total_batch_size=128", "--max_steps=3", "--warmup_steps=1", "--eval_interval=3", "--learning_rate=3e-3",
+            "--eval_batches=2", "--sample_tokens=0", "--dropout=0.0"]
+    r = _torchrun("train.py", tmp_path / "ddp", args)
     assert "2 processes x 1 accumulation" in r.stdout
     one = train.train(_train_cfg(data_dir, tmp_path / "one", batch_size=2, total_batch_size=128, max_steps=3,
                                  warmup_steps=1, eval_interval=3))
@@ -2649,7 +2655,7 @@ def test_finetune_tiny_model_learns_the_builtin_task(_ft_pretrained, tmp_path):
     assert log[-1]["exact_match"] == s["exact_match"] and log[-1]["val_loss"] < 1.5
 
 
-@pytest.mark.parametrize("task, lora", [("sft", 0), ("sft", 4), ("dpo", 0)])
+@pytest.mark.parametrize("task, lora", [("sft", 0), ("sft", 4), ("dpo", 0), ("classify", 4)])
 def test_finetune_resume_is_bit_identical(_ft_pretrained, tmp_path, task, lora):
     # dpo without LoRA: the resumed run's reference must still be the starting model
     init, _ = _ft_pretrained
@@ -2665,7 +2671,7 @@ def test_finetune_resume_is_bit_identical(_ft_pretrained, tmp_path, task, lora):
     assert curve("a") == curve("b")
     # the saved weights are a plain GPT's (adapters merged): train.load_checkpoint reads them
     model, ck = train.load_checkpoint(str(tmp_path / "a" / "best.pt"))
-    assert ck["finetune"]["lora_rank"] == lora and ("resume_weights" in ck) == bool(lora)
+    assert ck["finetune"]["lora_rank"] == lora and ("resume_weights" in ck) == bool(lora or task == "classify")
 
 
 def test_finetune_output_chats_through_sample_py(_ft_pretrained, tmp_path):
@@ -2777,6 +2783,151 @@ def test_finetune_dpo_learns_the_preference(_ft_pretrained, tmp_path, capsys):
         finetune.main([f"--init_from={init}", "--task=dpo", f"--data={path}", f"--out_dir={tmp_path / 'o'}",
                        "--device=cpu"])
     assert "line 2: chosen and rejected are the same reply" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["sft", "classify"])
+def test_finetune_ddp_two_processes_match_one(_ft_pretrained, tmp_path, task):
+    # reference: one process on the same global batch. sft weighs every reply token of the step
+    # alike (ReplyLoss), whichever process holds it; the head's gradients are all-reduced too
+    init, _ = _ft_pretrained
+    kw = dict(task=task, max_steps=4, batch_size=8, learning_rate=3e-3, eval_interval=4, builtin_train=200, builtin_val=8)
+    args = [f"--{k}={v}" for k, v in kw.items()] + [f"--init_from={init}", "--device=cpu", "--eval_examples=8"]
+    _torchrun("finetune.py", tmp_path / "ddp", args)
+    finetune.finetune(_ft_cfg(init, tmp_path / "one", **kw))
+    wa, wb = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("one", "ddp"))
+    for k in wa["model"]:
+        torch.testing.assert_close(wb["model"][k], wa["model"][k], atol=1e-5, rtol=1e-4)
+    if task == "classify":
+        torch.testing.assert_close(wb["classifier"]["weight"], wa["classifier"]["weight"], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("style", sorted(_FT_STYLES))
+def test_finetune_packed_loss_and_gradients_equal_padded(_train_data, style):
+    # reference: the same examples padded one per row (pad_rows, checked against each example alone above)
+    _, tok = _train_data
+    rows = [finetune.encode_example(tok, e["messages"], 64)[:2] for e in finetune.builtin_task(16, 1, 3)[0]]
+    x, y = finetune.pad_rows(rows, tok.pad_id, "cpu")
+    px, py, kw = finetune.pack_rows(rows, tok.pad_id, 64, "cpu")
+    assert px.size(0) < x.size(0) and px.size(1) <= 64
+    assert sorted(py[py != -100].tolist()) == sorted(y[y != -100].tolist())  # every target once
+    assert torch.equal(GPT._segment_positions(torch.tensor([[0, 0, 0, 1, 1, 2, 2]])),
+                       torch.tensor([[0, 1, 2, 0, 1, 0, 1]]))
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=320, block_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
+                      **_FT_STYLES[style]))
+    losses, grads = [], []
+    for inputs, targets, extra in ((x, y, {}), (px, py, kw)):
+        m.zero_grad()
+        loss = m(inputs, targets, **extra)[1]
+        loss.backward()
+        losses.append(loss.item())
+        grads.append([p.grad.clone() for p in m.parameters()])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
+    m.manual_attention = True  # the explicit softmax path reads the same mask
+    assert m(px, py, **kw)[1].item() == pytest.approx(losses[0], rel=1e-5)
+
+
+def test_finetune_pack_trains_like_padding(_ft_pretrained, tmp_path):
+    init, _ = _ft_pretrained
+    for pack in (False, True):
+        finetune.finetune(_ft_cfg(init, tmp_path / str(pack), pack=pack, max_steps=4, log_interval=1))
+    curve = lambda d: [r["loss"] for r in map(json.loads, open(tmp_path / d / "log.jsonl")) if "loss" in r]
+    assert len(curve("True")) == 4 and curve("True") == pytest.approx(curve("False"), rel=1e-4)
+    with pytest.raises(ValueError, match="--pack packs chat examples for --task=sft"):
+        finetune.finetune(_ft_cfg(init, tmp_path / "dpo", task="dpo", pack=True))
+
+
+@pytest.mark.parametrize("style", sorted(_FT_STYLES))
+def test_finetune_grow_vocab_keeps_old_rows_and_means_new_ones(style):
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=70, block_size=16, n_layer=1, n_head=2, n_embd=32, **_FT_STYLES[style]))
+    wte, head = m.transformer.wte.weight.detach().clone(), m.lm_head.weight.detach().clone()
+    idx = torch.randint(0, 60, (2, 16))
+    ref = m(idx, idx)[0]
+    assert finetune.grow_vocab(m, 75, [65]) == 70  # ids 70..74 are new, 65 existed but was never trained
+    assert m.config.vocab_size == 128 and m.transformer.wte.weight.shape == m.lm_head.weight.shape == (128, 32)
+    assert (m.lm_head.weight is m.transformer.wte.weight) == (style == "gpt2")  # tied stays tied
+    for new, old in ((m.transformer.wte.weight, wte), (m.lm_head.weight, head)):
+        keep = [i for i in range(70) if i != 65]
+        assert torch.equal(new[keep], old[keep])
+        torch.testing.assert_close(new[[65] + list(range(70, 128))], old.mean(0).expand(59, -1))
+    logits = m(idx, idx)[0]
+    torch.testing.assert_close(logits[..., keep], ref[..., keep])  # old tokens: the same model
+    again = GPT(m.config)
+    again.load_state_dict(m.state_dict())  # a checkpoint of it loads as a plain GPT
+
+
+def test_finetune_from_a_hugging_face_dir_whose_tokenizer_lacks_chat_tokens(_train_data, tmp_path, capsys):
+    _, tok = _train_data
+    # a tokenizer file with only <|endoftext|> (as GPT-2's), and a model with no rows past it
+    tok.save(str(tmp_path / "full.bpe"))
+    lines = (tmp_path / "full.bpe").read_text(encoding="utf-8").split("\n")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "tokenizer.bpe").write_text("\n".join(l for l in lines if not l.startswith("special ")
+                                                 or "endoftext" in l), encoding="utf-8")
+    plain = Tokenizer.load(str(hf / "tokenizer.bpe"))
+    assert plain.added_specials == SPECIAL_TOKENS[1:]
+    n_rows = plain.eot_id + 1
+    torch.manual_seed(0)
+    GPT(GPTConfig(vocab_size=n_rows, block_size=64, n_layer=2, n_head=2, n_embd=32)).save_hf(str(hf))
+    assert finetune.is_hf_dir(str(hf)) and not finetune.is_hf_dir(str(tmp_path))
+    out = tmp_path / "sft"
+    finetune.finetune(_ft_cfg(str(hf), out, max_steps=3))
+    said = [l for l in capsys.readouterr().out.splitlines() if l.startswith("tokenizer:")]
+    assert len(said) == 1 and "lacks <|pad|>, <|system|>, <|user|>, <|assistant|>, <|end|>: added" in said[0]
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ck["model_config"]["vocab_size"] == -(-plain.n_vocab // 64) * 64 > n_rows
+    assert Tokenizer.load(str(out / "tokenizer.bpe")).special_tokens == plain.special_tokens
+    model, loaded, limit = sample.load_for_sampling(str(out))  # sample.py reads it as its own
+    assert limit == plain.n_vocab and loaded.special_tokens == plain.special_tokens
+
+
+def _ft_class_file(path, n):
+    """n classification lines: "numbers" (digits) or "words" (from stdlib text), two of each in
+    turn, so that every 10th line (the held-out ones) alternates too."""
+    rng, words = random.Random(0), re.findall(r"[a-z]{3,}", _stdlib_text(50_000))
+    with open(path, "w") as f:
+        for i in range(n):
+            k, digits = rng.randint(3, 8), (i // 2) % 2
+            text = " ".join(str(rng.randrange(1000)) if digits else rng.choice(words) for _ in range(k))
+            f.write(json.dumps({"text": text, "label": "numbers" if digits else "words"}) + "\n")
+
+
+def test_finetune_classify_head_learns_and_loads_back(_ft_pretrained, tmp_path):
+    init, _ = _ft_pretrained
+    data, out = tmp_path / "cls.jsonl", tmp_path / "cls"
+    _ft_class_file(data, 400)
+    s = finetune.finetune(_ft_cfg(init, out, task="classify", data=str(data), max_steps=60, batch_size=16,
+                                  eval_interval=1000, val_fraction=0.1))
+    assert s["chance"] == 0.5 and s["accuracy"] >= 0.95 and s["accuracy"] >= s["accuracy_before"] + 0.2
+    # the head comes back from best.pt and labels the held-out texts as the run scored them
+    model, tok, classes = finetune.load_classifier(str(out))
+    val = finetune.split_examples(finetune.read_examples(str(data), finetune.class_example_from_json), 0.1)[1]
+    got = finetune.predict(model, tok, classes, [e["text"] for e in val])
+    right = sum(g == e["label"] for g, e in zip(got, val)) / len(val)
+    assert classes == ["numbers", "words"] and abs(right - s["accuracy"]) <= 1 / len(val)
+    ck = torch.load(out / "best.pt", weights_only=True)
+    assert not any(k.startswith("score.") for k in ck["model"]) and ck["classifier"]["classes"] == classes
+    sample.load_for_sampling(str(out))  # the language model itself stays a plain checkpoint
+
+
+def test_finetune_builtin_classify_is_balanced_and_holds_out_whole_files():
+    train_set, val_set = finetune.builtin_classify(0)
+    assert finetune.builtin_classify(0) == (train_set, val_set)
+    for split in (train_set, val_set):
+        counts = {p: sum(e["label"] == p for e in split) for p in finetune.CLASSIFY_PACKAGES}
+        assert len(set(counts.values())) == 1 and min(counts.values()) >= 40, counts
+    for package in finetune.CLASSIFY_PACKAGES:
+        functions = finetune.stdlib_functions(package)
+        files = sorted({f for f, _ in functions})
+        held = set(files[4::5])
+        held_texts = {t for f, t in functions if f in held}
+        other_texts = {t for f, t in functions if f not in held}
+        assert all(e["text"] in held_texts for e in val_set if e["label"] == package)
+        assert all(e["text"] in other_texts for e in train_set if e["label"] == package)
 
 
 # -----------------------------------------------------------------------------
@@ -3511,6 +3662,9 @@ _BAD_TRAIN = ["train.py", "--dataset={root}/data", "--data_dir={root}/prepared",
 _BAD_SAMPLE = ["sample.py", "--out_dir={root}/out", "--device=cpu", "--max_new_tokens=4", "--temperature=0"]
 _BAD_BPB = ["bench.py", "--eval=bpb", "--ckpt={root}/out/ckpt.pt", "--data={root}/data", "--device=cpu"]
 _BAD_MC = ["bench.py", "--eval=mc", "--ckpt={root}/out/ckpt.pt", "--data={root}/mc.jsonl", "--device=cpu"]
+_BAD_FINETUNE = ["finetune.py", "--init_from={root}/out", "--out_dir={root}/sft", "--device=cpu", "--max_steps=1",
+                 "--builtin_train=20", "--builtin_val=4", "--eval_examples=2"]
+_BAD_CHAT = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n"
 _BAD_MC_ITEM = json.dumps({"ctx": "def add(a, b):", "endings": [" return a + b", " retrun"], "label": 0}) + "\n"
 
 
@@ -3707,6 +3861,29 @@ _BAD_CASES = [
      _BAD_MC, 1, "and a label between 0 and", "mc.jsonl"),
     ("eval JSONL line that is not UTF-8", "JSONL", _bad_write("mc.jsonl", _BAD_MC_ITEM.encode() + b'{"ctx": "\xff"}\n'),
      _BAD_MC, 1, "save the file as UTF-8", "mc.jsonl"),
+    # fine-tuning: finetune.py's data and starting model
+    ("fine-tuning JSONL line that is not JSON", "finetune", _bad_write("chats.jsonl", _BAD_CHAT + "{not json\n"),
+     [*_BAD_FINETUNE, "--data={root}/chats.jsonl"], 1, "line 2 is not valid JSON", "chats.jsonl"),
+    ("empty fine-tuning dataset", "finetune", _bad_write("chats.jsonl", "\n"),
+     ["python", *_BAD_FINETUNE, "--data={root}/chats.jsonl"], 1, "holds no examples", "chats.jsonl"),
+    ("conversation without an assistant turn", "finetune",
+     _bad_write("chats.jsonl", _BAD_CHAT + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"),
+     [*_BAD_FINETUNE, "--data={root}/chats.jsonl"], 1, "the conversation has no assistant turn", "chats.jsonl"),
+    ("DPO pair with identical chosen and rejected", "finetune",
+     _bad_write("pairs.jsonl", json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}) + "\n"),
+     [*_BAD_FINETUNE, "--task=dpo", "--data={root}/pairs.jsonl"], 1, "chosen and rejected are the same reply",
+     "pairs.jsonl"),
+    ("checkpoint directory without a tokenizer", "finetune", lambda root: (root / "out" / "tokenizer.bpe").unlink(),
+     _BAD_FINETUNE, 1, "needs the tokenizer it was trained with", "out/tokenizer.bpe"),
+    ("LoRA targets that match nothing", "finetune", None, [*_BAD_FINETUNE, "--lora_rank=4", "--lora_targets=qkv"],
+     1, "match no nn.Linear in the model", None),
+    ("classification data of one class", "finetune",
+     _bad_write("labels.jsonl", "".join(json.dumps({"text": t, "label": "a"}) + "\n" for t in ("x = 1", "y = 2"))),
+     [*_BAD_FINETUNE, "--task=classify", "--data={root}/labels.jsonl"], 1, "a classifier needs at least two classes",
+     "labels.jsonl"),
+    ("classification line without a label", "finetune", _bad_write("labels.jsonl", json.dumps({"text": "x"}) + "\n"),
+     [*_BAD_FINETUNE, "--task=classify", "--data={root}/labels.jsonl"], 1, 'needs a string "text" and a "label"',
+     "labels.jsonl"),
     # prompts
     ("prompt longer than the context", "prompt", None, [*_BAD_SAMPLE, "--prompt=" + "word " * 200], 0,
      "that fit; dropped the oldest", None),
@@ -3714,7 +3891,8 @@ _BAD_CASES = [
      [*_BAD_SAMPLE, "--prompt=FILE:{root}/prompt.txt"], 1, "is not UTF-8 text; re-encode it", "prompt.txt"),
 ]
 
-_BAD_SCRIPTS = {"prepare.py": prepare.main, "train.py": train.main, "sample.py": sample.main, "bench.py": bench.main}
+_BAD_SCRIPTS = {"prepare.py": prepare.main, "train.py": train.main, "sample.py": sample.main, "bench.py": bench.main,
+                "finetune.py": finetune.main}
 _BAD_SEEN = {}  # case name -> (root, exit code, stderr, files before, files after): each case runs once
 
 
