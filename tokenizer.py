@@ -317,6 +317,80 @@ def learn_merges(chunk_counts: dict, n_merges: int, verbose: bool = False) -> li
 
 
 # -----------------------------------------------------------------------------
+# Exchange formats: Hugging Face's tokenizer.json and llama.cpp's GGUF
+
+# Both store a byte-level BPE token as a str with one character per byte (GPT-2's encoder.py,
+# bytes_to_unicode): a byte that is a visible Latin-1 character stands for itself, and each of
+# the other 68 (the controls, space, DEL, NBSP, the soft hyphen) takes the next character from
+# U+0100 on, in byte order. So no token string holds whitespace, and a merge can be written
+# "left right" with a space between the two.
+def _byte_chars() -> list:
+    """[the character that stands for byte b, for b in 0..255]:
+    0x21 "!" -> "!",  0x20 " " -> "Ġ" (U+0120),  0x0A "\\n" -> "Ċ" (U+010A),  0xFF -> "ÿ"."""
+    visible = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}  # !..~ ¡..¬ ®..ÿ
+    chars, spare = [], 0x100
+    for b in range(256):
+        if b in visible:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(spare))
+            spare += 1
+    return chars
+
+
+BYTE_CHARS = _byte_chars()  # byte -> the character that stands for it
+CHAR_BYTES = {c: b for b, c in enumerate(BYTE_CHARS)}  # character -> its byte
+
+
+def bytes_to_hf(token: bytes) -> str:
+    """A token's bytes as Hugging Face spells them: b" hello" -> "Ġhello", "é" -> "Ã©"."""
+    return "".join([BYTE_CHARS[b] for b in token])
+
+
+def hf_to_bytes(text: str) -> bytes:
+    """The inverse of bytes_to_hf: "Ġhello" -> b" hello"."""
+    return bytes([CHAR_BYTES[c] for c in text])
+
+
+# encode_chat's template in Jinja, for tokenizer_config.json and GGUF's tokenizer.chat_template:
+# <|role|> content <|end|> per message, and <|assistant|> at the end with add_generation_prompt.
+# It refuses what encode_chat refuses (raise_exception is the error hook transformers and
+# llama.cpp give templates). A test proves apply_chat_template gives encode_chat's ids.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] "
+    "or message['content'] is not string -%}"
+    "{{- raise_exception('a chat message needs a role in system, user, assistant and a string "
+    "content') -}}"
+    "{%- endif -%}"
+    "{{- '<|' + message['role'] + '|>' + message['content'] + '<|end|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}")
+
+# llama.cpp names the split regexes it implements (src/llama-vocab.cpp, tokenizer.ggml.pre) and
+# falls back to a different regex, with only a warning, for a name it does not know. Ours are
+# GPT-2's ("gpt-2", with the hyphen) and cl100k's, which Llama 3 uses ("llama-bpe"). Each also
+# as tiktoken writes it today (equivalent, faster forms), for tokenizers from from_tiktoken.
+_TIKTOKEN_R50K = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|"""
+                  r"""\s++$|\s+(?!\S)|\s""")
+_TIKTOKEN_CL100K = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+|"""
+                    r""" ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
+GGUF_PRE_NAMES = {GPT4_PATTERN: "llama-bpe", _TIKTOKEN_CL100K: "llama-bpe",
+                  GPT2_PATTERN: "gpt-2", _TIKTOKEN_R50K: "gpt-2"}
+
+
+def gguf_pre_name(pattern: str) -> str:
+    """llama.cpp's pre-tokenizer name for a split regex (or "gpt2"/"gpt4"):
+    gguf_pre_name(GPT4_PATTERN) -> "llama-bpe";  gguf_pre_name("gpt2") -> "gpt-2"."""
+    name = GGUF_PRE_NAMES.get(PATTERNS.get(pattern, pattern))
+    if name is None:
+        raise ValueError("llama.cpp has no pre-tokenizer for this split regex, only for the gpt4 "
+                         "(cl100k) and gpt2 patterns, so a GGUF file would split text "
+                         "differently: train the tokenizer with --pattern=gpt4 or gpt2 to export")
+    return name
+
+
+# -----------------------------------------------------------------------------
 # The Tokenizer
 
 class Tokenizer:
@@ -567,6 +641,121 @@ class Tokenizer:
                                "access or point TIKTOKEN_CACHE_DIR at a cache that has it, or "
                                "pass a local rank file to Tokenizer.from_ranks_file") from None
         return cls(enc._mergeable_ranks, enc._pat_str, enc._special_tokens, name=name)
+
+    # -- Hugging Face and GGUF export ------------------------------------------------------------
+
+    def hf_vocab(self) -> tuple[list[str], list[str]]:
+        """-> (tokens, merges): the vocabulary as Hugging Face and GGUF store a byte-level BPE.
+
+        tokens[i] is id i's string: a mergeable token's bytes one character each (bytes_to_hf),
+        a special token its own text, and an id that is neither (an imported vocabulary may have
+        gaps; cl100k_base does) "[PAD<i>]", as llama.cpp's converter writes. merges are
+        "left right", in the order Hugging Face's BPE applies them. With 256 bytes, b"ab" (256)
+        and b" ab" (257):
+            tokens[97] == "a", tokens[256] == "ab", tokens[257] == "Ġab",
+            tokens[258] == "<|endoftext|>", merges == ["a b", "Ġ ab"]
+        """
+        tokens = [f"[PAD{i}]" for i in range(self.n_vocab)]  # id -> its string; gaps keep this
+        for token, i in self.ranks.items():
+            tokens[i] = bytes_to_hf(token)
+        for name, i in self.special_tokens.items():
+            tokens[i] = name
+        # Our BPE merges, at each step, the adjacent pair whose joined bytes have the lowest rank;
+        # Hugging Face's merges the pair that comes first in its list. Listing every pair by the
+        # rank of the token it makes gives the same steps. Every split of a token into two tokens
+        # is listed, not just the one that training made:
+        # subtle: tiktoken merges any adjacent pair that spells a token, even one whose parts
+        # outrank it (an imported vocabulary can have b"abc" at 300 but b"ab" at 400); and other
+        # splits do occur: "a"+"bc" makes "abc" in a text where "ab" never formed.
+        merges = []  # (rank of the merged token, rank of left, rank of right)
+        for token, rank in self.ranks.items():
+            for k in range(1, len(token)):
+                left, right = self.ranks.get(token[:k]), self.ranks.get(token[k:])
+                if left is not None and right is not None:
+                    merges.append((rank, left, right))
+        # subtle: splits of one token share a rank, and Hugging Face breaks that tie by list
+        # order where tiktoken takes the leftmost pair. That could only matter where three
+        # adjacent parts spell one token two ways ("ab"+"a" and "a"+"ba" in "ab a ba"); a search
+        # over hundreds of small random vocabularies found no text that gets there, and the
+        # tests compare both encoders on real text, random text and GPT-2's own vocabulary.
+        merges.sort()
+        return tokens, [f"{tokens[left]} {tokens[right]}" for _, left, right in merges]
+
+    def save_hf(self, out_dir: str, model_max_length: int | None = None) -> None:
+        """Write tokenizer.json and tokenizer_config.json into out_dir, for
+        transformers.AutoTokenizer.from_pretrained(out_dir) (and tokenizers.Tokenizer.from_file):
+
+            tok.save_hf("out/hf")
+            AutoTokenizer.from_pretrained("out/hf")("def f():").input_ids == tok.encode("def f():")
+
+        The same ids for text, and apply_chat_template(messages, tokenize=True) gives
+        encode_chat(messages)[0]. One difference: Hugging Face reads a special token's text
+        inside ordinary text as that special token, where encode() keeps it text; pass
+        split_special_tokens=True when encoding text to match encode() (README, "Hugging Face").
+        model_max_length: the context window to record (None: transformers' "no limit").
+        """
+        tokens, merges = self.hf_vocab()
+        vocab = {tokens[i]: i for i in sorted(self.ranks.values())}
+        clash = sorted(set(self.special_tokens) & set(vocab))
+        if clash:
+            raise ValueError(f"special token {clash[0]!r} is also spelled by a mergeable token, so "
+                             f"tokenizer.json could not tell them apart; rename the special token")
+        # subtle: tokenizers ignores the "id" of an added token that the model's vocab lacks and
+        # numbers it after the vocab instead, which is wrong wherever ids have gaps (cl100k_base).
+        # In the vocab too, as GPT-2's own tokenizer.json has <|endoftext|>, each keeps its id.
+        # No merge makes one, and the gpt2/gpt4 regexes never cut one out as a whole chunk (a
+        # custom regex that did would get the special id there even with split_special_tokens).
+        vocab.update(self.special_tokens)
+        added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                  "normalized": False, "special": True}
+                 for s, i in sorted(self.special_tokens.items(), key=lambda item: item[1])]
+        tokenizer_json = {
+            "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+            "normalizer": None,
+            # our regex cuts the text into chunks ("Isolated": each match is one piece), then
+            # ByteLevel turns each chunk's UTF-8 bytes into characters; its own regex (GPT-2's)
+            # and prefix space are off, or it would split and change the chunks a second time
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated",
+                 "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                 "use_regex": False}]},
+            "post_processor": None,  # nothing added around the ids, as encode() adds nothing
+            "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                        "use_regex": False},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                      "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                      "fuse_unk": False, "byte_fallback": False,
+                      # subtle: tiktoken first looks the whole chunk up and takes its id if
+                      # there is one, before any merge; ignore_merges does the same. Without it
+                      # a chunk whose merges do not lead back to its own token gets other ids.
+                      "ignore_merges": True,
+                      "vocab": vocab, "merges": merges}}
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            # sample.py's export writes the same ids into config.json and generation_config.json
+            # (which stops at <|end|> too); prepare.py puts <|endoftext|> before each document
+            "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>",
+            # the other specials (chat markers...), so all_special_tokens lists every one
+            "additional_special_tokens": [s for s, _ in sorted(self.special_tokens.items(),
+                                                                  key=lambda item: item[1])
+                                          if s not in ("<|endoftext|>", "<|pad|>")],
+            "add_bos_token": False, "add_eos_token": False,  # encode() adds nothing either
+            # decode() gives the bytes back as they were: no tidying of " ." or " 's"
+            "clean_up_tokenization_spaces": False,
+            # subtle: True would keep "<|end|>" in text as text (as encode() does), but also
+            # breaks the special tokens the chat template writes (see the README)
+            "split_special_tokens": False,
+            "chat_template": CHAT_TEMPLATE}
+        if model_max_length is not None:
+            config["model_max_length"] = model_max_length
+        os.makedirs(out_dir, exist_ok=True)
+        for name, obj in (("tokenizer.json", tokenizer_json), ("tokenizer_config.json", config)):
+            def write(tmp, obj=obj):
+                with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+                    json.dump(obj, f, ensure_ascii=False, indent=1)
+                    f.write("\n")
+            atomic_write(os.path.join(out_dir, name), write)
 
 
 def _fix_surrogates(text: str) -> str:
