@@ -73,7 +73,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import train
-from model import GPT, GPTConfig
+from model import GPT
 from sample import load_for_sampling
 from tokenizer import CHAT_ROLES, Tokenizer, list_text_files, parse_config, read_text_file
 
@@ -860,37 +860,13 @@ def is_hf_dir(path: str) -> bool:
         os.path.exists(os.path.join(path, n)) for n in ("ckpt.pt", "best.pt"))
 
 
-def grow_vocab(model: GPT, n_vocab: int, fresh_ids: list) -> int:
-    """Give the model an embedding row (and head row) for every id below n_vocab, the table
-    padded up to a multiple of 64 as train.py pads it; rows added, and the rows of fresh_ids
-    (tokens the model never saw), are set to the mean of the old rows, which keeps their
-    logits at the average instead of random (Hewitt 2021). Returns the old row count.
-    Example: GPT-2 (50,257 rows) and its BPE plus the 5 chat tokens -> 50,304 rows."""
-    old = model.config.vocab_size
-    size = max(old, -(-n_vocab // 64) * 64)
-    new_rows = list(range(old, size)) + [i for i in fresh_ids if i < old]
-    tied = model.lm_head.weight is model.transformer.wte.weight
-
-    def grown(weight):  # (old, C) -> (size, C), the new rows at the mean of the old ones
-        w = torch.cat([weight.detach(), weight.new_empty(size - old, weight.size(1))])
-        w[new_rows] = weight.detach()[:old].mean(dim=0)
-        return nn.Parameter(w)
-
-    model.transformer.wte.weight = grown(model.transformer.wte.weight)
-    model.transformer.wte.num_embeddings = size
-    model.lm_head.weight = model.transformer.wte.weight if tied else grown(model.lm_head.weight)
-    model.lm_head.out_features = size
-    model.config = GPTConfig(**{**asdict(model.config), "vocab_size": size})
-    return old
-
-
 def load_pretrained(init_from: str, log=print) -> tuple[GPT, Tokenizer, str | None]:
     """(model, tokenizer, tokenizer path or None) from a train.py/finetune.py out_dir or a
     Hugging Face directory, through sample.py's loader (the one reader of both): best.pt if
     there is one, else ckpt.pt, and the tokenizer beside it, checked to be the one the
     checkpoint was trained with. A tokenizer without the chat tokens (GPT-2's has only
     <|endoftext|>) gets them (Tokenizer adds them after its last id), and the model rows for
-    them (grow_vocab); the path is then None, as no file holds that tokenizer yet.
+    them (GPT.grow_vocab); the path is then None, as no file holds that tokenizer yet.
     Example: "out" -> (the GPT of 1.38M parameters, its Tokenizer, "out/tokenizer.bpe")."""
     hf = is_hf_dir(init_from)
     model, tok, _ = load_for_sampling(hf=init_from) if hf else load_for_sampling(init_from)
@@ -900,7 +876,7 @@ def load_pretrained(init_from: str, log=print) -> tuple[GPT, Tokenizer, str | No
     fresh = [t for t in CHAT_TOKENS if t in tok.added_specials or tok.special_tokens[t] >= rows]
     if fresh or tok.n_vocab > rows:
         ids = [tok.special_tokens[t] for t in fresh]
-        grow_vocab(model, tok.n_vocab, ids)
+        model.grow_vocab(tok.n_vocab, ids)
         log(f"tokenizer: {init_from} lacks {', '.join(fresh) or 'rows for some ids'}: added as "
             f"ids {', '.join(map(str, ids))}; the embedding and head grow from {rows:,} to "
             f"{model.config.vocab_size:,} rows, the new ones at the mean embedding")

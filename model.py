@@ -7,8 +7,8 @@ One decoder-only transformer that covers two families through its config:
                 attention (GQA), no biases, tied or untied head
 plus a preallocated KV cache and the one decoding loop (GPT.generate_stream, which sample.py
 and train.py build on), the FLOP and MFU accounting that train.py and bench.py report, and
-import/export of Hugging Face checkpoints (GPT2LMHeadModel, LlamaForCausalLM), so weights
-come in from and go out to the wider ecosystem.
+import/export of Hugging Face checkpoints (GPT2LMHeadModel, LlamaForCausalLM) plus export of
+one GGUF file for llama.cpp, so weights come in from and go out to the wider ecosystem.
 
 Run:
   python model.py                  # sizing table: parameters and FLOPs/token of every preset
@@ -22,13 +22,14 @@ Use:
   for column in model.generate_stream(idx, 50, temperature=0):  # (B, 1) ids, step by step
       print(column[:, 0].tolist())
   model = GPT.from_pretrained("path/to/hf_dir"); model.save_hf("out/hf")
+  model.save_gguf("out/model.gguf", vocab, "f16")  # vocab: see save_gguf; llama-cli -m it
 
 Shapes, in every comment: B batch, T time (tokens), C channels (n_embd), nh query heads,
 nkv key/value heads, hs head size (C // nh), V vocabulary; S = start_pos + T is the number
 of keys a query can see once a KV cache holds earlier positions.
 
-Imports only torch (safetensors lazily, when a checkpoint uses it), so it can be copied
-alone into another project.
+Imports only torch (safetensors lazily, when a checkpoint uses it; gguf, llama.cpp's own
+writer, lazily in save_gguf), so it can be copied alone into another project.
 
 Sources (facts and formulas, not code):
   GPT-2: Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"
@@ -39,7 +40,9 @@ Sources (facts and formulas, not code):
   Llama: Touvron et al. 2023; FLOPs: PaLM (Chowdhery et al. 2022) appendix B
   Sampling: Holtzman et al. 2019, "The Curious Case of Neural Text Degeneration" (top-p)
   nanoGPT and llm.c (Karpathy) for the GPT-2 layout and parameter names;
-  gpt-fast (PyTorch) for the KV-cache shape, prefill + decode steps and meta-device loading.
+  gpt-fast (PyTorch) for the KV-cache shape, prefill + decode steps and meta-device loading;
+  llama.cpp's convert_hf_to_gguf.py and loader (src/models/*.cpp) for the GGUF names, keys,
+  dtypes and the q/k row order its RoPE expects.
 """
 
 import json
@@ -684,8 +687,33 @@ class GPT(nn.Module):
         return [{"params": decay, "weight_decay": weight_decay},
                 {"params": no_decay, "weight_decay": 0.0}]
 
+    def grow_vocab(self, n_vocab: int, fresh_ids: list = ()) -> int:
+        """Give every id below n_vocab an embedding row (and a head row), the table padded up
+        to a multiple of 64 as train.py pads it; the rows added, and the rows of fresh_ids
+        (tokens the model never saw), are set to the mean of the old rows, which keeps their
+        logits at the average instead of random (Hewitt 2021, "Initializing new word
+        embeddings for pretrained language models"). A tied head stays tied. Returns the old
+        row count. Example: GPT-2 (50,257 rows) and its BPE with 5 chat tokens added at
+        50257..50261 -> 50,304 rows (finetune.py adds chat tokens this way)."""
+        old = self.config.vocab_size
+        size = max(old, -(-n_vocab // 64) * 64)
+        new_rows = list(range(old, size)) + [i for i in fresh_ids if i < old]
+        tied = self.lm_head.weight is self.transformer.wte.weight
+
+        def grown(weight):  # (old, C) -> (size, C), the new rows at the mean of the old ones
+            w = torch.cat([weight.detach(), weight.new_empty(size - old, weight.size(1))])
+            w[new_rows] = weight.detach()[:old].mean(dim=0)
+            return nn.Parameter(w, requires_grad=weight.requires_grad)
+
+        self.transformer.wte.weight = grown(self.transformer.wte.weight)
+        self.transformer.wte.num_embeddings = size
+        self.lm_head.weight = self.transformer.wte.weight if tied else grown(self.lm_head.weight)
+        self.lm_head.out_features = size
+        self.config = GPTConfig(**{**asdict(self.config), "vocab_size": size})
+        return old
+
     # ------------------------------------------------------------------------------------
-    # Hugging Face checkpoints in and out
+    # Hugging Face checkpoints in and out, and GGUF (llama.cpp) out
 
     @classmethod
     def from_pretrained(cls, hf_dir: str, dtype=torch.float32,
@@ -759,6 +787,66 @@ class GPT(nn.Module):
         # transformers would prefer a stale safetensors left by an earlier save
         if os.path.exists(os.path.join(out_dir, stale)):
             os.remove(os.path.join(out_dir, stale))
+
+    def save_gguf(self, path: str, vocab: dict, dtype: str = "f32") -> None:
+        """Write one .gguf file that llama.cpp runs as it is (llama-cli -m path): llama.cpp's
+        "llama" architecture for the Llama style, "gpt2" for the GPT-2 style, with the
+        hyperparameters, the tokenizer and every tensor under llama.cpp's name, in dtype "f32",
+        "f16" or "bf16" (norms, biases and wpe stay f32, as llama.cpp's converter keeps them).
+        Needs the gguf package (pip install gguf), imported here only.
+
+        vocab is plain data (sample.py's gguf_vocab builds it from a Tokenizer):
+          tokens       list[str], by id, byte-level strings as in GPT-2's vocab.json ("Ġthe");
+                       fewer than vocab_size are padded with "[PAD{i}]" tokens of type unused
+          merges       list[str], the BPE merges by rank, "Ġ t" (two tokens and a space)
+          pre          llama.cpp's name of the split regex: "gpt-2" or "llama-bpe" (gpt4's)
+          token_types  optional list[int], by id: 1 normal, 3 control, 5 unused (gguf.TokenType);
+                       default 1, and 3 for the special ids below
+          bos_id, eos_id, eot_id, pad_id   optional int ids; llama.cpp stops at eos and eot
+          add_bos      optional bool, default False: llama.cpp puts bos_id before a prompt
+          chat_template  optional Jinja string, which llama-cli's chat mode applies
+        Example: {"tokens": ["a", "b", "ab", "<|endoftext|>"], "merges": ["a b"],
+                  "pre": "gpt-2", "token_types": [1, 1, 1, 3], "eos_id": 3}"""
+        try:  # lazily: model.py imports only torch, and only this method needs gguf
+            import gguf
+        except ImportError:
+            raise RuntimeError("GGUF export needs the gguf package (llama.cpp's own reader and "
+                               "writer); install it with pip install gguf.") from None
+        cfg = self.config
+        arch = _gguf_arch(cfg)  # "llama" or "gpt2", or ValueError naming what does not fit
+        if dtype not in _GGUF_DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not a GGUF export type; pass one of "
+                             f"{', '.join(_GGUF_DTYPES)}.")
+        vocab = _gguf_vocab(vocab, cfg.vocab_size)
+        model_arch = gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.GPT2
+        qtype = getattr(gguf.GGMLQuantizationType, dtype.upper())  # F32, F16 or BF16
+        file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "bf16": gguf.LlamaFileType.MOSTLY_BF16}[dtype]  # general.file_type
+
+        def write(tmp):
+            w = gguf.GGUFWriter(tmp, arch)  # writes general.architecture itself
+            _gguf_add_metadata(w, gguf, cfg, vocab, file_type)
+            for name, t in _gguf_tensors(self, gguf, model_arch):
+                # llama.cpp's convert_hf_to_gguf.py keeps 1-D tensors (norms, biases), *_norm
+                # weights and position embeddings in f32: much of llama.cpp reads those in f32 only
+                keep_f32 = t.dim() == 1 or name.endswith("_norm.weight") or \
+                    name.startswith(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.POS_EMBD])
+                t = t.detach().cpu().contiguous()
+                if keep_f32 or dtype == "f32":
+                    w.add_tensor(name, t.float().numpy(), raw_dtype=gguf.GGMLQuantizationType.F32)
+                elif dtype == "f16":
+                    w.add_tensor(name, t.half().numpy(), raw_dtype=qtype)
+                else:  # numpy has no bfloat16: hand over the raw 16-bit patterns, typed BF16
+                    # subtle: torch rounds to nearest even, as ggml's fp32 -> bf16 does
+                    w.add_tensor(name, t.bfloat16().view(torch.int16).numpy(), raw_dtype=qtype)
+            try:  # the header lists every tensor's name, shape and offset; the data comes last
+                w.write_header_to_file()
+                w.write_kv_data_to_file()
+                w.write_tensors_to_file()
+            finally:
+                w.close()
+
+        _write_atomic(path, write)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1033,6 +1121,166 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+# ----------------------------------------------------------------------------------------
+# GGUF names, metadata and tensors, for llama.cpp
+
+_GGUF_DTYPES = ("f32", "f16", "bf16")  # save_gguf's dtype choices
+# vocab keys save_gguf reads: required, then optional (see its docstring)
+_GGUF_VOCAB_REQUIRED = ("tokens", "merges", "pre")
+_GGUF_VOCAB_OPTIONAL = ("token_types", "bos_id", "eos_id", "eot_id", "pad_id", "add_bos",
+                        "chat_template")
+
+
+def _gguf_arch(cfg: GPTConfig) -> str:
+    """"llama" or "gpt2": the llama.cpp architecture that computes exactly what cfg does.
+    llama.cpp's gpt2 loader requires every bias; its llama takes biases or none (all optional
+    tensors there). A mix of the two styles has no llama.cpp architecture, so it is refused
+    rather than approximated. The GPT-2 style also keeps Hugging Face's n_kv_head == n_head:
+    llama.cpp's gpt2 would read fewer kv heads, but no test here has run that."""
+    try:
+        return _hf_family(cfg)  # the same two layouts that Hugging Face export knows
+    except ValueError:
+        raise ValueError(f"GGUF export needs a GPT-2 style config (norm=layernorm, mlp=gelu, "
+                         f"pos=learned, bias=True, n_kv_head == n_head) for llama.cpp's gpt2 or "
+                         f"a Llama style one (norm=rmsnorm, mlp=swiglu, pos=rope) for its llama; "
+                         f"this one has norm={cfg.norm}, mlp={cfg.mlp}, pos={cfg.pos}, "
+                         f"bias={cfg.bias}, n_kv_head={cfg.n_kv_head}, which neither runs, so "
+                         f"train with one of those two sets.") from None
+
+
+def _gguf_vocab(vocab: dict, vocab_size: int) -> dict:
+    """save_gguf's vocab checked and completed: token_types filled in, tokens padded to
+    vocab_size rows, defaults for the optional keys. ValueError names the first problem."""
+    if not isinstance(vocab, dict):
+        raise ValueError(f"vocab must be a dict with the keys {', '.join(_GGUF_VOCAB_REQUIRED)} "
+                         f"(see GPT.save_gguf), got {type(vocab).__name__}.")
+    unknown = sorted(set(vocab) - set(_GGUF_VOCAB_REQUIRED) - set(_GGUF_VOCAB_OPTIONAL))
+    missing = [k for k in _GGUF_VOCAB_REQUIRED if k not in vocab]
+    if unknown or missing:
+        problem = f"has the unknown key {unknown[0]!r}" if unknown else f"lacks {missing[0]!r}"
+        raise ValueError(f"vocab {problem}; its keys are {', '.join(_GGUF_VOCAB_REQUIRED)} and "
+                         f"optionally {', '.join(_GGUF_VOCAB_OPTIONAL)} (see GPT.save_gguf).")
+    tokens, merges, pre = list(vocab["tokens"]), list(vocab["merges"]), vocab["pre"]
+    if not all(isinstance(s, str) for s in tokens + merges) or not isinstance(pre, str):
+        raise ValueError("vocab tokens, merges and pre must be strings (tokens as byte-level "
+                         "text such as 'Ġthe', merges as 'Ġ t').")
+    if len(tokens) > vocab_size:
+        raise ValueError(f"vocab has {len(tokens)} tokens but the model only {vocab_size} "
+                         "embedding rows; export the tokenizer the model was trained with.")
+    if pre == "gpt2":  # subtle: llama.cpp spells GPT-2's split "gpt-2" and refuses "gpt2"
+        raise ValueError("vocab pre='gpt2' is not a llama.cpp pre-tokenizer name; GPT-2's split "
+                         "regex is called 'gpt-2' there.")
+    specials = {k: vocab.get(k) for k in ("bos_id", "eos_id", "eot_id", "pad_id")}
+    for key, i in specials.items():
+        if i is not None and (not isinstance(i, int) or not 0 <= i < len(tokens)):
+            raise ValueError(f"vocab {key}={i!r} is not the id of one of its {len(tokens)} "
+                             "tokens.")
+    types = vocab.get("token_types")
+    if types is None:  # special ids are control tokens: llama.cpp never makes them from text
+        control = {i for i in specials.values() if i is not None}
+        types = [3 if i in control else 1 for i in range(len(tokens))]
+    if len(types) != len(tokens):
+        raise ValueError(f"vocab has {len(tokens)} tokens but {len(types)} token_types; give "
+                         "one type per token.")
+    # one token per embedding row, as llama.cpp's converter writes for rows no token uses
+    pad = range(len(tokens), vocab_size)
+    return {**specials, "tokens": tokens + [f"[PAD{i}]" for i in pad], "merges": merges,
+            "pre": pre, "token_types": [int(t) for t in types] + [5] * len(pad),
+            "add_bos": bool(vocab.get("add_bos", False)),
+            "chat_template": vocab.get("chat_template")}
+
+
+def _gguf_add_metadata(w, gguf, cfg: GPTConfig, vocab: dict, file_type) -> None:
+    """The key/value half of the file: what llama.cpp's loader reads to size the model and
+    its tokenizer (the keys convert_hf_to_gguf.py writes for GPT-2 and Llama checkpoints)."""
+    w.add_context_length(cfg.block_size)  # {arch}.context_length: the trained context
+    w.add_embedding_length(cfg.n_embd)
+    w.add_block_count(cfg.n_layer)
+    w.add_feed_forward_length(mlp_hidden_size(cfg))
+    w.add_head_count(cfg.n_head)
+    w.add_head_count_kv(cfg.n_kv_head)
+    w.add_vocab_size(cfg.vocab_size)
+    if cfg.norm == "rmsnorm":
+        w.add_layer_norm_rms_eps(cfg.norm_eps)
+    else:
+        w.add_layer_norm_eps(cfg.norm_eps)
+    if cfg.pos == "rope":
+        w.add_rope_freq_base(cfg.rope_theta)
+        w.add_rope_dimension_count(cfg.n_embd // cfg.n_head)  # every dimension of a head turns
+        # Llama 3.1 scaling travels as a rope_freqs tensor (_gguf_tensors), with no key of its own
+    w.add_file_type(file_type)
+    w.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE, whatever the model
+    w.add_tokenizer_pre(vocab["pre"])
+    w.add_token_list(vocab["tokens"])
+    w.add_token_types(vocab["token_types"])
+    w.add_token_merges(vocab["merges"])
+    for key in ("bos", "eos", "eot", "pad"):
+        if vocab[f"{key}_id"] is not None:
+            getattr(w, f"add_{key}_token_id")(vocab[f"{key}_id"])
+    # subtle: without this key llama.cpp decides by the pre name (llama-bpe: add one, gpt-2:
+    # not), so the same model would read prompts differently under the two regexes
+    w.add_add_bos_token(vocab["add_bos"])
+    if vocab["chat_template"]:
+        w.add_chat_template(vocab["chat_template"])
+
+
+def _rope_pairs_adjacent(w, n_heads: int):
+    """Reorder the rows of a q or k projection (weight (n_heads * hs, C) or bias (n_heads * hs,))
+    inside each head from the rotate-half layout, which pairs dimension j with j + hs/2, to
+    the interleaved one, which pairs 2j with 2j + 1: row j goes to 2j and row j + hs/2 to
+    2j + 1. ggml's "normal" RoPE (the one llama.cpp's llama runs) rotates adjacent pairs at
+    frequency theta^(-2j/hs), so on these rows it computes our RoPE with its output rows
+    permuted the same way, and q.k, which a permutation shared by q and k leaves alone, is
+    unchanged. This is LlamaModel.permute of llama.cpp's converter, which undoes the
+    permutation that Hugging Face's convert_llama_weights_to_hf applied to Meta's weights."""
+    hs = w.shape[0] // n_heads
+    return (w.reshape(n_heads, 2, hs // 2, *w.shape[1:])  # (heads, half, j, ...)
+            .transpose(1, 2)  # (heads, j, half, ...): the two halves of pair j side by side
+            .reshape(w.shape))  # (n_heads * hs, ...)
+
+
+def _gguf_tensors(model: "GPT", gguf, model_arch):
+    """(llama.cpp name, tensor) for every tensor save_gguf writes, in our (out, in) layout,
+    which is the numpy shape gguf's writer wants (it stores the dims reversed, as ggml's
+    (in, out)). Names come from gguf's own Hugging Face -> GGUF table, applied to the Hugging
+    Face names of _hf_layout, so they are the names llama.cpp's converter would write."""
+    cfg = model.config
+    names = gguf.get_tensor_name_map(model_arch, cfg.n_layer)
+    sd = model.state_dict()  # a tied lm_head.weight, which _hf_layout skips, too
+    for ours, hf_names, _conv1d in _hf_layout(cfg):
+        # subtle: _conv1d is ignored; the converter transposes GPT-2's Conv1D weights back
+        # to (out, in), which is how ours are stored already
+        t = sd[ours]
+        parts = t.split(_qkv_sizes(cfg)) if len(hf_names) > 1 else [t]  # Llama: q, k, v apart
+        for hf_name, part in zip(hf_names, parts):
+            if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+                part = _rope_pairs_adjacent(part, cfg.n_head)  # (nh * hs, ...)
+            elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+                part = _rope_pairs_adjacent(part, cfg.n_kv_head)  # (nkv * hs, ...)
+            name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if name is None:  # only if a future gguf renamed its table
+                raise RuntimeError(f"the installed gguf package has no GGUF name for {hf_name}; "
+                                   "upgrade it with pip install -U gguf.")
+            yield name, part
+    if cfg.rope_scaling:  # Llama 3.1: one factor per pair, read by every layer
+        yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", _rope_factors(cfg)
+
+
+def _rope_factors(cfg: GPTConfig):
+    """llama.cpp's rope_freqs tensor (hs/2,): ggml divides pair j's angle by factor j, so the
+    factor is plain RoPE's frequency over the scaled one (1 for fast pairs, up to
+    rope_scaling["factor"] for slow ones). Read off rope_tables itself: at position 1 the
+    angle is the frequency, so the export follows whatever the forward pass computes."""
+    hs = cfg.n_embd // cfg.n_head
+
+    def frequencies(scaling):
+        cos, sin = rope_tables(2, hs, cfg.rope_theta, scaling)  # (2, hs): positions 0 and 1
+        # position 1, first half: one angle per pair (the second half repeats them)
+        return torch.atan2(sin[1, : hs // 2], cos[1, : hs // 2])  # (hs/2,)
+
+    return frequencies(None) / frequencies(cfg.rope_scaling)  # (hs/2,)
 
 
 # ----------------------------------------------------------------------------------------
