@@ -7,6 +7,7 @@ Run it:
     python prepare.py --dataset=shakespeare           # then, on Tiny Shakespeare, 70 s:
     python train.py --dataset=shakespeare --max_minutes=1.2
     python train.py --preset=gpt2 --batch_size=16     # a model.py preset (GPU-sized; slow on a CPU)
+    python train.py --dataset=path/to/fineweb10B --tokenizer=gpt2  # llm.c's FineWeb shards as is
     python train.py --resume                          # continue out/ckpt.pt where it stopped
     torchrun --standalone --nproc_per_node=8 train.py # DDP: NCCL on GPUs, gloo on CPUs
     python train.py -h                                # every option with its meaning
@@ -40,6 +41,7 @@ warmup-stable-decay; Jordan et al. 2024 and Liu et al. 2025 ("Muon is Scalable")
 Chen et al. 2016 (activation checkpointing); Micikevicius et al. 2018 (loss scaling for fp16).
 """
 
+import atexit
 import contextlib
 import gc
 import json
@@ -47,9 +49,11 @@ import math
 import os
 import pickle  # only for its exception type: nothing here unpickles
 import random
+import re
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -61,7 +65,7 @@ import torch.distributed as dist
 
 from model import GPT, PRESETS, GPTConfig, peak_flops
 from prepare import PrepareConfig, open_shard, prepare
-from tokenizer import Tokenizer, atomic_write, file_sha256, parse_config
+from tokenizer import FILE_HEADER, Tokenizer, atomic_write, file_sha256, parse_config
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -73,7 +77,8 @@ from tokenizer import Tokenizer, atomic_write, file_sha256, parse_config
 @dataclass
 class TrainConfig:
     # data and outputs
-    dataset: str = "pystdlib"  # a prepared dir (with meta.json), or a name/file/URL for prepare.py
+    dataset: str = "pystdlib"  # prepared dir, dir of llm.c shards, or name/file/URL for prepare.py
+    tokenizer: str = ""  # llm.c shards only: "gpt2" (tiktoken), a .tiktoken ranks file, a .bpe
     data_dir: str = "data"  # where prepare.py keeps its datasets
     out_dir: str = "out"  # ckpt.pt, best.pt, log.jsonl, loss.svg, config.json, tokenizer.bpe
     sampling: str = "random"  # "random" windows, or "sequential" non-overlapping ones in order
@@ -407,7 +412,15 @@ def find_dataset(cfg: TrainConfig) -> str:
 def load_dataset(cfg: TrainConfig) -> tuple[str, dict, str, Tokenizer]:
     """(data_dir, meta, tokenizer path, tokenizer), checked to agree with each other: a shard
     is only meaningful with the tokenizer that wrote it. meta.json records the tokenizer's
-    sha256, so a tokenizer file edited or replaced after prepare.py ran is caught here."""
+    sha256, so a tokenizer file edited or replaced after prepare.py ran is caught here.
+    A directory of llm.c shards without meta.json is read by load_llmc_dataset instead."""
+    llmc = find_llmc_dataset(cfg)
+    if llmc:
+        return load_llmc_dataset(*llmc, cfg.tokenizer)
+    if cfg.tokenizer:  # checked before find_dataset, which may spend minutes in prepare.py
+        raise ValueError(f"--tokenizer={cfg.tokenizer} is for a directory of llm.c shards without "
+                         f"meta.json, and --dataset={cfg.dataset} is not one (prepare.py's "
+                         f"datasets train with their own tokenizer.bpe); drop --tokenizer")
     data_dir = find_dataset(cfg)
     meta = load_meta(data_dir)
     tok_path = os.path.join(data_dir, meta.get("tokenizer_file", "tokenizer.bpe"))
@@ -422,6 +435,189 @@ def load_dataset(cfg: TrainConfig) -> tuple[str, dict, str, Tokenizer]:
         raise ValueError(f"{tok_path} has {tok.n_vocab} tokens but {data_dir}/meta.json says "
                          f"{meta['vocab_size']}; re-run prepare.py with --force")
     return data_dir, meta, tok_path, tok
+
+
+# llm.c's shards as they are. karpathy/llm.c (dev/data/fineweb.py) and modded-nanogpt's FineWeb
+# download (data/cached_fineweb10B.py) write the same format as prepare.py (magic 20240520,
+# uint16), named NAME_val_000000.bin (the first shard written is the validation split) and
+# NAME_train_000001.bin onwards, or NAME_val.bin / NAME_train.bin for the small sets
+# (tiny_shakespeare, TinyStories). Their ids are tiktoken's GPT-2 ids, each document opening
+# with <|endoftext|> as here. They come without meta.json and tokenizer.bpe, so the two things
+# those would say are rebuilt: the vocabulary from --tokenizer, and the validation split's
+# bytes of text (for bits per byte) by decoding it, counted once and cached beside the shards.
+LLMC_SHARD_NAME = re.compile(r"(?P<name>.+)_(?P<split>train|val)(?:_\d+)?\.bin")
+VAL_BYTES_FILE = "val_bytes.json"  # the cached count, beside the shards
+# GPT-2's ranks as one .tiktoken file: tiktoken's r50k_base, the same ranks as its gpt2
+GPT2_RANKS_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
+
+
+def llmc_shards(folder: str) -> dict | None:
+    """The llm.c-named shards of folder by split, or None when it has none or has a meta.json.
+    Example: llmc_shards("fineweb10B") -> {"train": ["fineweb_train_000001.bin", ...],
+    "val": ["fineweb_val_000000.bin"]} (sorted: the zero-padded indices sort in order)."""
+    if not os.path.isdir(folder) or os.path.exists(os.path.join(folder, "meta.json")):
+        return None
+    found = {"train": [], "val": []}
+    for name in sorted(os.listdir(folder)):
+        match = LLMC_SHARD_NAME.fullmatch(name)
+        if match:
+            found[match["split"]].append(name)
+    return found if found["train"] or found["val"] else None
+
+
+def find_llmc_dataset(cfg: TrainConfig) -> tuple[str, dict] | None:
+    """(folder, shards by split) when --dataset names a folder of llm.c shards, as a path or
+    inside --data_dir (data/fineweb10B), in find_dataset's order; else None."""
+    for folder in (cfg.dataset, os.path.join(cfg.data_dir, cfg.dataset)):
+        if os.path.isfile(os.path.join(folder, "meta.json")):
+            return None  # prepared by prepare.py: its own path, untouched
+        found = llmc_shards(folder)
+        if found:
+            return folder, found
+    return None
+
+
+def load_tokenizer(spec: str, data_dir: str) -> Tokenizer:
+    """The --tokenizer that llm.c shards were written with: "gpt2" (tiktoken's, downloaded once
+    into its cache), a tokenizer.py file, or a tiktoken ranks file read with GPT-2's conventions
+    (the gpt2 split pattern, <|endoftext|> the id right after the last rank: 50256 for GPT-2).
+    Example: load_tokenizer("r50k_base.tiktoken", "fineweb10B").eot_id -> 50256."""
+    if not spec:
+        raise ValueError(f"{data_dir} holds llm.c shards and no meta.json, so nothing says which "
+                         f"tokenizer wrote them; pass --tokenizer=gpt2 (llm.c's and "
+                         f"modded-nanogpt's FineWeb shards) or --tokenizer=PATH to its .tiktoken "
+                         f"ranks file or .bpe")
+    if os.path.isfile(spec):
+        with open(spec, "rb") as f:
+            is_ours = f.readline().rstrip(b"\r\n") == FILE_HEADER.encode()
+        if is_ours:
+            return Tokenizer.load(spec)
+        # subtle: a ranks file holds no special tokens; GPT-2's one special follows its ranks
+        ranks = Tokenizer.from_ranks_file(spec).ranks
+        return Tokenizer(ranks, "gpt2", {"<|endoftext|>": max(ranks.values()) + 1},
+                         name=os.path.basename(spec))
+    if spec != "gpt2":
+        raise FileNotFoundError(f"--tokenizer={spec} is neither a file nor gpt2; pass the "
+                                f"tokenizer {data_dir}'s shards were written with")
+    try:
+        return Tokenizer.from_tiktoken("gpt2")
+    except RuntimeError:  # offline, with no cached copy: say where the file goes instead
+        local = os.path.join(data_dir, "gpt2.tiktoken")
+        raise RuntimeError(f"tiktoken could not load gpt2 (it downloads GPT-2's ranks on first "
+                           f"use, and found none in its cache): download {GPT2_RANKS_URL} where "
+                           f"there is network, put it at {local} and pass --tokenizer={local}, or "
+                           f"set TIKTOKEN_CACHE_DIR to a tiktoken cache that has gpt2") from None
+
+
+def _check_ids(path: str, ids: np.ndarray, tok: Tokenizer, spec: str) -> None:
+    """Fail with one sentence when a shard's ids go past the tokenizer's vocabulary."""
+    top = int(ids.max()) if len(ids) else 0
+    if top >= tok.n_vocab:
+        raise ValueError(f"shard {path} holds token id {top}, but --tokenizer={spec} has only "
+                         f"{tok.n_vocab} ids; HINT: pass the tokenizer the shards were written "
+                         f"with (--tokenizer=gpt2 for llm.c's GPT-2 shards).")
+
+
+def count_text_bytes(paths: list, shards: list, tok: Tokenizer, spec: str = "") -> dict:
+    """{"tokens", "bytes", "documents"} of token shards. bytes is prepare.py's definition, the
+    UTF-8 bytes of the text that was tokenized: what the ids decode to (tok.decode_bytes), with
+    special tokens (<|endoftext|>) counting none, as they mark documents and are no text.
+    documents counts the <|endoftext|> ids. Example with GPT-2's tokenizer:
+    [50256, 15496, 995] ("<|endoftext|>", "Hello", " world") -> tokens 3, bytes 11, documents 1."""
+    length = np.zeros(tok.n_vocab, dtype=np.int64)  # id -> bytes it decodes to (0: special, gap)
+    for token_bytes, i in tok.ranks.items():
+        length[i] = len(token_bytes)
+    counts = np.zeros(tok.n_vocab, dtype=np.int64)  # id -> occurrences
+    for path, ids in zip(paths, shards):
+        # a histogram of ids, never the text itself, so a 100M-token val shard is one fast pass;
+        # in slices, as bincount widens its input to 8 bytes a token
+        for lo in range(0, len(ids), 1 << 24):
+            part = ids[lo:lo + (1 << 24)]
+            _check_ids(path, part, tok, spec)  # the whole split, not a sample, is read here
+            counts += np.bincount(part, minlength=tok.n_vocab)
+    return {"tokens": int(counts.sum()), "bytes": int(counts @ length),
+            "documents": int(counts[tok.eot_id])}
+
+
+def val_split_bytes(data_dir: str, files: list, tok: Tokenizer, tok_sha256: str,
+                    spec: str = "") -> dict:
+    """count_text_bytes of the val shards, from data_dir/val_bytes.json when that was counted
+    for these very shards (name, size, mtime, as make judges a file) and this tokenizer (the
+    sha256 of its tokenizer.bpe form), else counted now and cached there for the next run. A
+    read-only data_dir only costs the count at every start (one warning line).
+    Example: val_split_bytes("fineweb10B", ["fineweb_val_000000.bin"], tok, sha)
+    -> {"tokens": 100000000, "bytes": ..., "documents": ...}."""
+    path = os.path.join(data_dir, VAL_BYTES_FILE)
+    paths = [os.path.join(data_dir, f) for f in files]
+    stats = [os.stat(p) for p in paths]
+    key = {"shards": [[f, st.st_size, st.st_mtime_ns] for f, st in zip(files, stats)],
+           "tokenizer_sha256": tok_sha256}
+    counts = ("tokens", "bytes", "documents")
+    try:
+        with open(path) as f:
+            cached = json.load(f)
+        if all(cached[k] == v for k, v in key.items()) and all(
+                isinstance(cached[k], int) and cached[k] >= 0 for k in counts):
+            return {k: cached[k] for k in counts}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # absent, damaged or stale: count again, and replace it
+    t0 = time.time()
+    counted = count_text_bytes(paths, [open_shard(p) for p in paths], tok, spec)
+    # under torchrun every process counts, one writes (atomic_write's temporary name is shared)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"counted the val split's text: {counted['bytes']:,} bytes in {counted['tokens']:,} "
+              f"tokens ({time.time() - t0:.1f}s)")
+        try:
+            write_text(path, json.dumps({**key, **counted}, indent=1))
+        except OSError as e:
+            print(f"warning: could not cache the val byte count in {path} ({e.strerror}); it is "
+                  f"counted again at every start", file=sys.stderr)
+    return counted
+
+
+def _saved_tokenizer(tok: Tokenizer) -> str:
+    """tok in tokenizer.py's format, in a temporary file removed at exit: the run copies it into
+    out_dir and checks its sha256 on --resume, as it does a prepared dataset's tokenizer.bpe."""
+    folder = tempfile.mkdtemp(prefix="train-tokenizer-")
+    atexit.register(shutil.rmtree, folder, True)
+    path = os.path.join(folder, "tokenizer.bpe")
+    tok.save(path)
+    return path
+
+
+def load_llmc_dataset(data_dir: str, found: dict, spec: str) -> tuple[str, dict, str, Tokenizer]:
+    """load_dataset for a folder of llm.c shards (found: llmc_shards): the tokenizer from
+    --tokenizer, every shard's first million ids checked against its vocabulary, and a meta dict
+    in prepare.py's shape, so the rest of the run reads it alike (the train split's bytes are not
+    needed). Example: load_llmc_dataset("fineweb10B", llmc_shards("fineweb10B"), "gpt2")."""
+    for split, example in (("val", "fineweb_val_000000.bin"),
+                           ("train", "fineweb_train_000001.bin")):
+        if not found[split]:
+            raise FileNotFoundError(f"{data_dir} has llm.c shards but no {split} shard "
+                                    f"(NAME_{split}_NNNNNN.bin, e.g. {example}); download it too "
+                                    f"(modded-nanogpt's cached_fineweb10B.py gets the val shard "
+                                    f"first) or point --dataset at a folder with both splits")
+    tok = load_tokenizer(spec, data_dir)
+    tok_path = _saved_tokenizer(tok)
+    tokens = {}
+    for split in ("train", "val"):
+        tokens[split] = 0
+        for f in found[split]:
+            path = os.path.join(data_dir, f)
+            ids = open_shard(path)
+            # a sample, as TokenWindows takes (~2 MB read per shard): the wrong --tokenizer shows.
+            # The val split is also read whole when its bytes are counted (a cached count was
+            # made, and so checked, with these very shards and this tokenizer)
+            _check_ids(path, ids[:1_000_000], tok, spec)
+            tokens[split] += len(ids)
+    val = val_split_bytes(data_dir, found["val"], tok, file_sha256(tok_path), spec)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"llm.c shards in {data_dir}: {len(found['train'])} train ({tokens['train']:,} "
+              f"tokens), {len(found['val'])} val ({val['tokens']:,} tokens, {val['bytes']:,} bytes "
+              f"of text); tokenizer {spec} ({tok.n_vocab} ids)")
+    splits = {"train": {"shards": found["train"], "tokens": tokens["train"]},
+              "val": {"shards": found["val"], **val}}
+    return data_dir, {"format": "llm.c", "vocab_size": tok.n_vocab, "splits": splits}, tok_path, tok
 
 
 # -----------------------------------------------------------------------------
