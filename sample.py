@@ -18,6 +18,8 @@ Run it:
     printf 'hello\\n/exit\\n' | python sample.py --out_dir=out_sft --chat --temperature=0
     python sample.py --hf=path/to/gpt2 --prompt="Hello"      # a local HF dir (config + weights)
     python sample.py --use_cache=False --temperature=0       # the slow reference: no KV cache
+    python sample.py --export=export/hf                      # a Hugging Face dir (transformers)
+    python sample.py --export=model.gguf --format=gguf --export_dtype=f16   # llama.cpp / Ollama
     python sample.py -h                                      # every option with its meaning
 
 Sources:
@@ -29,7 +31,9 @@ Sources:
 """
 
 import codecs
+import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -37,7 +41,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from model import GPT, check_sampling_args
-from tokenizer import Tokenizer, file_sha256, parse_config
+from tokenizer import CHAT_TEMPLATE, Tokenizer, file_sha256, gguf_pre_name, parse_config
 from train import choose_device, load_checkpoint  # one device rule, one checkpoint reader
 
 # -----------------------------------------------------------------------------
@@ -73,6 +77,10 @@ class SampleConfig:
     dtype: str = "auto"  # auto: bf16 at CUDA compute capability >= 8.0, fp16 below, fp32 on CPU/MPS
     compile: bool = True  # torch.compile the one-token decode step on CUDA only; False if it errors
     threads: int = 0  # torch.set_num_threads for CPU runs; 0 keeps torch's default
+    # export instead of sampling: the loaded model and its tokenizer, for other runtimes
+    export: str = ""  # a directory (--format=hf) or a .gguf file (--format=gguf); "" = sample
+    format: str = "hf"  # hf: transformers / vLLM (safetensors, tokenizer.json, chat template); gguf
+    export_dtype: str = "f32"  # the exported weights: f32, f16 or bf16
 
 
 def check_filter_args(min_p: float, repetition_penalty: float) -> None:
@@ -477,6 +485,9 @@ def chat(model: GPT, tok: Tokenizer, vocab_limit: int, cfg: SampleConfig, genera
 
 def run(cfg: SampleConfig) -> SpeedStats:
     """The whole command: check, load, generate (or chat), print the speed; returns the stats."""
+    if cfg.export:
+        export(cfg)
+        return SpeedStats()
     # bad settings fail before the (slow) load, in the order the options are listed
     check_sampling_args(cfg.temperature, cfg.top_k, cfg.top_p)
     check_filter_args(cfg.min_p, cfg.repetition_penalty)
@@ -542,6 +553,99 @@ def _sample(model: GPT, tok: Tokenizer, vocab_limit: int, cfg: SampleConfig, gen
             sep = "" if i == 0 else "---------------\n"
             sys.stdout.write(sep + tok.decode(shown(p) + shown(r)) + "\n")
     sys.stdout.flush()
+
+
+# -----------------------------------------------------------------------------
+# Export: the model with its tokenizer, for transformers, vLLM and llama.cpp
+
+# The export lives here, not in model.py, because it needs the tokenizer: model.py imports only
+# torch (STYLE.md rule 6), and this file already reads every kind of checkpoint there is
+# (train.py's, finetune.py's, a Hugging Face directory).
+EXPORT_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def export(cfg: SampleConfig) -> str:
+    """--export: load as for sampling (on the CPU), then write cfg.export in cfg.format.
+    Returns the path written."""
+    if cfg.format not in ("hf", "gguf"):
+        raise ValueError(f"--format={cfg.format} is not one of hf, gguf")
+    if cfg.export_dtype not in EXPORT_DTYPES:
+        raise ValueError(f"--export_dtype={cfg.export_dtype} is not one of "
+                         f"{', '.join(EXPORT_DTYPES)}")
+    if cfg.format == "gguf" and not cfg.export.endswith(".gguf"):
+        raise ValueError(f"--export={cfg.export} should end in .gguf (one file, as llama.cpp "
+                         f"loads it); pass e.g. --export=model.gguf")
+    model, tok, _ = load_for_sampling(cfg.out_dir, cfg.hf or None, "cpu", cfg.ckpt)
+    if tok.n_vocab > model.config.vocab_size:
+        # an imported GPT-2 with tiktoken's BPE: the chat tokens were added after its last id,
+        # and an exported file must hold a row for every token it names
+        rows = model.grow_vocab(tok.n_vocab)
+        print(f"the tokenizer has {tok.n_vocab:,} ids and the model {rows:,} rows: exporting "
+              f"{model.config.vocab_size:,} rows, the new ones at the mean embedding",
+              file=sys.stderr)
+    if cfg.format == "hf":
+        export_hf(model, tok, cfg.export, EXPORT_DTYPES[cfg.export_dtype])
+    else:
+        model.save_gguf(cfg.export, gguf_vocab(tok, model.config.vocab_size), cfg.export_dtype)
+    print(f"exported {cfg.format} to {cfg.export}", file=sys.stderr)
+    return cfg.export
+
+
+def generation_ids(tok: Tokenizer, rows: int) -> dict:
+    """The ids a runtime needs to start, stop and pad: generation stops at <|endoftext|> (a
+    document's end) and at <|end|> (a chat turn's end); embedding rows past the tokenizer's
+    vocabulary (train.py pads the table to a multiple of 64) are never valid tokens."""
+    sp = tok.special_tokens
+    return {"bos_token_id": sp["<|endoftext|>"], "eos_token_id": [sp["<|endoftext|>"], sp["<|end|>"]],
+            "pad_token_id": sp["<|pad|>"], "unused_ids": list(range(tok.n_vocab, rows))}
+
+
+def export_hf(model: GPT, tok: Tokenizer, out_dir: str, dtype=torch.float32) -> None:
+    """A directory that transformers' AutoModelForCausalLM and AutoTokenizer load as they are:
+    config.json and model.safetensors (model.save_hf), tokenizer.json and tokenizer_config.json
+    with the chat template (Tokenizer.save_hf), generation_config.json, and tokenizer.bpe (so
+    `sample.py --hf=out_dir` uses the very same tokenizer). Written into out_dir + ".tmp", then
+    renamed into place: an interrupted export never leaves a half-written directory."""
+    ids = generation_ids(tok, model.config.vocab_size)
+    tmp, old = out_dir.rstrip("/") + ".tmp", out_dir.rstrip("/") + ".old"
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    os.makedirs(tmp)
+    copy = GPT(model.config)
+    copy.load_state_dict(model.state_dict())
+    copy.to(dtype).save_hf(tmp, {"bos_token_id": ids["bos_token_id"],
+                                 "eos_token_id": ids["eos_token_id"][0],
+                                 "pad_token_id": ids["pad_token_id"]})
+    tok.save_hf(tmp)
+    generation = {k: v for k, v in ids.items() if k != "unused_ids"}
+    if ids["unused_ids"]:  # greedy decoding must never pick a padding row, as sample.py masks them
+        generation["suppress_tokens"] = ids["unused_ids"]
+    with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+        json.dump(generation, f, indent=1)
+    tok.save(os.path.join(tmp, "tokenizer.bpe"))
+    if os.path.exists(out_dir):  # swap: the old export stays whole until the new one is
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def gguf_vocab(tok: Tokenizer, rows: int) -> dict:
+    """The tokenizer as GPT.save_gguf takes it: llama.cpp's "gpt2" (byte-level BPE) model with
+    the tokens by id, the merges, a type per token, the pre-tokenizer name of our split regex
+    and the special ids. llama.cpp wants one token per embedding row, so the rows past the
+    vocabulary get placeholder tokens of type unused, as its own converter does."""
+    tokens, merges = tok.hf_vocab()
+    specials = set(tok.special_tokens.values())
+    # llama.cpp token types: 1 normal, 3 control (never produced from text), 5 unused (a gap in
+    # an imported vocabulary's ids)
+    types = [3 if i in specials else 1 if i in tok.vocab else 5 for i in range(len(tokens))]
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), rows)]
+    types += [5] * (rows - len(types))
+    ids = generation_ids(tok, rows)
+    return {"tokens": tokens, "merges": merges, "token_types": types,
+            "pre": gguf_pre_name(tok.pattern), "bos_id": ids["bos_token_id"],
+            "eos_id": ids["eos_token_id"][0], "eot_id": ids["eos_token_id"][1],
+            "pad_id": ids["pad_token_id"], "chat_template": CHAT_TEMPLATE}
 
 
 def main(argv=None) -> None:

@@ -475,6 +475,223 @@ def test_tokenizer_cli_train_encode_stats(tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# tokenizer.py -> Hugging Face: tokenizer.json, the chat template, GGUF's vocabulary
+
+import inspect
+
+from tokenizer import CHAT_TEMPLATE, gguf_pre_name
+
+tokenizers = pytest.importorskip("tokenizers")
+transformers = pytest.importorskip("transformers")
+
+# More of what the two encoders must agree on: accents (composed and combining), the other
+# Unicode spaces (NBSP, em space, ideographic space, NEL, \v, \f), runs of blank lines and
+# indentation, and numbers glued to words.
+HF_EXTRA_SAMPLES = [
+    "café naïve über façade e\u0301 Å\u030a",
+    "nbsp\u00a0em\u2003ideo\u3000nel\x85vt\x0bff\x0c end",
+    "  \n  x\n\n\t\ty\n\n\n\n    \t \n",
+    "x1 v2.0 3rd 4th 12345678 ١٢٣ ⅷ",
+    "    def __init__(self):\n\t\treturn {'a': [1, 2], \"b\": None}  # done\n",
+]
+CHATS = [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
+     {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?\n"}],
+    [{"role": "user", "content": "def f():\n    return 1"},
+     {"role": "assistant", "content": "Looks fine 😀 — café.\n\n"},
+     {"role": "user", "content": ""}, {"role": "assistant", "content": "  spaces  "}],
+]
+
+
+def _hf_tok_export(tok: Tokenizer, out_dir, **kw):
+    """save_hf, then both readers: (tokenizers.Tokenizer, transformers.AutoTokenizer)."""
+    tok.save_hf(str(out_dir), **kw)
+    fast = tokenizers.Tokenizer.from_file(os.path.join(out_dir, "tokenizer.json"))
+    return fast, transformers.AutoTokenizer.from_pretrained(str(out_dir))
+
+
+def _chat_ids(out) -> list:
+    # transformers 5 returns a BatchEncoding (return_dict=True is its default); 4.x a list
+    return list(out["input_ids"]) if hasattr(out, "keys") else list(out)
+
+
+@pytest.fixture(scope="module", params=["gpt4", "gpt2"])
+def hf_export(request, tmp_path_factory):
+    """A 1000-id BPE trained with each split pattern, exported: (tok, dir, tokenizers, AutoTokenizer)."""
+    tok = Tokenizer.train(_stdlib_text(120_000)[:100_000] + "".join(TOKENIZER_SAMPLES + HF_EXTRA_SAMPLES),
+                          vocab_size=1000, pattern=request.param)
+    out = tmp_path_factory.mktemp(f"hf_{request.param}")
+    fast, auto = _hf_tok_export(tok, out, model_max_length=256)
+    return tok, out, fast, auto
+
+
+def test_hf_byte_chars_are_gpt2s():
+    # Our byte -> character map is GPT-2's bytes_to_unicode, as transformers ships it.
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    assert tokenizer.BYTE_CHARS == [bytes_to_unicode()[b] for b in range(256)]
+    assert tokenizer.BYTE_CHARS[0x20] == "Ġ" == "\u0120" and tokenizer.BYTE_CHARS[0x0A] == "Ċ" == "\u010a"
+    assert tokenizer.BYTE_CHARS[0x21] == "!" and tokenizer.BYTE_CHARS[0xFF] == "ÿ"
+    assert not any(c.isspace() for c in tokenizer.BYTE_CHARS)  # so "left right" is a safe merge line
+    assert sum(ord(c) >= 0x100 for c in tokenizer.BYTE_CHARS) == 68  # the bytes that are not visible
+    assert tokenizer.bytes_to_hf(b" hello") == "Ġhello" and tokenizer.bytes_to_hf("é".encode()) == "Ã©"
+    everything = bytes(range(256))
+    assert tokenizer.hf_to_bytes(tokenizer.bytes_to_hf(everything)) == everything
+
+
+def test_hf_vocab_docstring_example():
+    ranks = {bytes([i]): i for i in range(256)} | {b"ab": 256, b" ab": 257}
+    tokens, merges = Tokenizer(ranks, "gpt2").hf_vocab()
+    assert tokens[97] == "a" and tokens[256] == "ab" and tokens[257] == "Ġab"
+    assert tokens[258] == "<|endoftext|>" and tokens[258:] == SPECIAL_TOKENS
+    assert merges == ["a b", "Ġ ab"]
+
+
+def test_hf_export_encodes_like_tiktoken(hf_export):
+    # The reference: Rust tokenizers reading our tokenizer.json gives encode()'s ids on code, prose,
+    # whitespace runs, digits, emoji, CJK, accents, unseen stdlib text and random Unicode.
+    tok, _, fast, auto = hf_export
+    rng = random.Random(0)
+    texts = (TOKENIZER_SAMPLES + HF_EXTRA_SAMPLES + [_stdlib_text(120_000)[100_000:]]
+             + [_tokenizer_random_text(rng, rng.randint(0, 60)) for _ in range(300)])
+    fast.encode_special_tokens = True  # "<|pad|>" in a sample is text here, as in encode()
+    for text, enc in zip(texts, fast.encode_batch(texts, add_special_tokens=False)):
+        ids = tok.encode(text)
+        assert enc.ids == ids, text[:80]
+        assert fast.decode(ids, skip_special_tokens=False) == tok.decode(ids) == text
+    # transformers on top: the same ids and text back, nothing added around them
+    for text in TOKENIZER_SAMPLES[:8] + HF_EXTRA_SAMPLES:
+        assert auto(text, split_special_tokens=True)["input_ids"] == tok.encode(text)
+        assert auto.decode(tok.encode(text)) == text
+    # decoding a cut through a multi-byte character: U+FFFD, like decode()
+    ids = tok.encode("emoji 😀👍🏽 中文 café")
+    for k in range(len(ids) + 1):
+        assert fast.decode(ids[:k]) == tok.decode(ids[:k])
+
+
+def test_hf_export_of_handmade_vocabularies(tmp_path):
+    base = {bytes([i]): i for i in range(256)}
+    # b"abc" (256) outranks its parts: tiktoken still merges "ab" + "c", so the merge is listed
+    tok = Tokenizer(base | {b"abc": 256, b"ab": 257}, "gpt2")
+    assert tok.encode("abcabc") == [256, 256]
+    assert "ab c" in tok.hf_vocab()[1]
+    fast, _ = _hf_tok_export(tok, tmp_path / "outranked")
+    assert fast.encode("abcabc").ids == [256, 256]
+    # b"abc" with no split into two tokens: only tiktoken's whole-chunk lookup (ignore_merges) finds it
+    tok = Tokenizer(base | {b"abc": 256}, "gpt2")
+    assert tok.hf_vocab()[1] == [] and tok.encode("abc") == [256] and tok.encode("abcabc") == [97, 98, 99] * 2
+    fast, _ = _hf_tok_export(tok, tmp_path / "unreachable")
+    assert fast.encode("abc").ids == [256] and fast.encode("abcabc").ids == [97, 98, 99] * 2
+    # gaps in the ids (as cl100k_base has): a "[PAD<i>]" placeholder in hf_vocab, nothing in tokenizer.json
+    tok = Tokenizer(base | {b"ab": 256}, "gpt4", {"<|endoftext|>": 260})
+    tokens, _ = tok.hf_vocab()
+    assert len(tokens) == tok.n_vocab and tokens[257:260] == ["[PAD257]", "[PAD258]", "[PAD259]"]
+    assert tokens[260] == "<|endoftext|>" and tokens[261:] == SPECIAL_TOKENS[1:]
+    fast, auto = _hf_tok_export(tok, tmp_path / "gaps")
+    assert "[PAD257]" not in fast.get_vocab()
+    assert fast.encode("ab ab").ids == tok.encode("ab ab") == [256, 32, 256]
+    assert _chat_ids(auto.apply_chat_template(CHATS[0])) == tok.encode_chat(CHATS[0])[0]
+    # a special token that a mergeable token also spells: one clear error, no file
+    tok = Tokenizer(base | {b"<|": 256, b"x|": 257, b"<|x|": 258}, "gpt2", {"<|x|": 300})
+    with pytest.raises(ValueError, match="also spelled by a mergeable token"):
+        tok.save_hf(str(tmp_path / "clash"))
+    assert not os.path.exists(tmp_path / "clash" / "tokenizer.json")
+
+
+@pytest.mark.skipif(not os.path.exists(GPT2_RANKS),
+                    reason="needs OpenAI's gpt2.tiktoken: set GPT2_TIKTOKEN=/path/to/gpt2.tiktoken (no download here)")
+def test_hf_export_of_openai_gpt2(tmp_path):
+    # A vocabulary we did not train: the export's merges start as GPT-2's merges.txt does, and
+    # tokenizers gives tiktoken's ids on unseen text.
+    tok = Tokenizer.from_ranks_file(GPT2_RANKS, "gpt2", {"<|endoftext|>": 50256})
+    tokens, merges = tok.hf_vocab()
+    assert tokens[15496] == "Hello" and merges[:5] == ["Ġ t", "Ġ a", "h e", "i n", "r e"]
+    fast, _ = _hf_tok_export(tok, tmp_path)
+    fast.encode_special_tokens = True
+    rng = random.Random(1)
+    texts = TOKENIZER_SAMPLES + HF_EXTRA_SAMPLES + [_stdlib_text(200_000)] + [
+        _tokenizer_random_text(rng, 80) for _ in range(200)]
+    assert [e.ids for e in fast.encode_batch(texts)] == tok.encode_batch(texts)
+
+
+def test_hf_chat_template_equals_encode_chat(hf_export):
+    tok, out, _, auto = hf_export
+    for messages in CHATS:
+        for prompt in (False, True):
+            ids, _ = tok.encode_chat(messages, add_generation_prompt=prompt)
+            got = auto.apply_chat_template(messages, tokenize=True, add_generation_prompt=prompt)
+            assert _chat_ids(got) == ids, (messages, prompt)
+            assert auto.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt) == \
+                tok.decode(ids)
+    # the template refuses what encode_chat refuses
+    for bad in ([{"role": "tool", "content": "x"}], [{"role": "user", "content": None}],
+                [{"role": "user", "content": [{"type": "text", "text": "x"}]}]):
+        with pytest.raises(ValueError):
+            tok.encode_chat(bad)
+        with pytest.raises(Exception, match="a chat message needs a role"):
+            auto.apply_chat_template(bad, tokenize=False)
+    # the config: what transformers reads, as save_hf's comments say
+    config = json.load(open(out / "tokenizer_config.json", encoding="utf-8"))
+    assert config["chat_template"] == CHAT_TEMPLATE and config["split_special_tokens"] is False
+    assert auto.model_max_length == 256 and config["model_max_length"] == 256
+    assert (auto.bos_token, auto.eos_token, auto.pad_token) == ("<|endoftext|>", "<|endoftext|>", "<|pad|>")
+    assert sorted(auto.all_special_tokens) == sorted(SPECIAL_TOKENS)
+    assert auto.decode(tok.encode_chat(CHATS[1])[0], skip_special_tokens=True) == "Be brief.What is 2+2?4and 3+3?\n"
+    assert auto.pad_token_id == tok.pad_id and auto.eos_token_id == tok.eot_id
+    assert sorted(os.listdir(out)) == ["tokenizer.json", "tokenizer_config.json"]  # no .tmp left
+
+
+def test_hf_special_token_text_is_the_documented_difference(hf_export, tmp_path):
+    # encode() keeps a special token's text typed inside text as text; Hugging Face matches added
+    # tokens in text. What the export gives, case by case (README, "Hugging Face"):
+    tok, out, _, auto = hf_export
+    end, text = tok.special_tokens["<|end|>"], "say <|end|> then <|endoftext|>."
+    # 1. plain text: split_special_tokens=True per call gives encode() exactly; the default does not
+    assert auto(text, split_special_tokens=True)["input_ids"] == tok.encode(text)
+    assert auto.encode(text, add_special_tokens=False, split_special_tokens=True) == tok.encode(text)
+    assert end in auto(text)["input_ids"] and end not in tok.encode(text)
+    # 2. chat: a special token's text in a message's content becomes the special id
+    messages = [{"role": "user", "content": text}]
+    ours, _ = tok.encode_chat(messages)
+    assert _chat_ids(auto.apply_chat_template(messages)).count(end) == 2 and ours.count(end) == 1
+    # 3. sanitize_control_tokens=True keeps that text as text (one <|end|>, the same text back) but
+    #    encodes it apart from its neighbours: " <|" can split otherwise than encode() splits it
+    sanitized = _chat_ids(auto.apply_chat_template(messages, sanitize_control_tokens=True))
+    assert sanitized.count(end) == 1 and tok.decode(sanitized) == tok.decode(ours)
+    # 4. why the config keeps split_special_tokens=False: True would break every chat, since the
+    #    template's own <|user|> and <|end|> then become text too
+    config = json.load(open(out / "tokenizer_config.json", encoding="utf-8"))
+    config["split_special_tokens"] = True
+    tok.save_hf(str(tmp_path))
+    with open(tmp_path / "tokenizer_config.json", "w", encoding="utf-8") as f:
+        json.dump(config, f)
+    split = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert split(text)["input_ids"] == tok.encode(text)
+    assert _chat_ids(split.apply_chat_template(CHATS[0])) != tok.encode_chat(CHATS[0])[0]
+
+
+def test_gguf_pre_name():
+    assert gguf_pre_name("gpt4") == gguf_pre_name(tokenizer.GPT4_PATTERN) == "llama-bpe"
+    assert gguf_pre_name("gpt2") == gguf_pre_name(tokenizer.GPT2_PATTERN) == "gpt-2"  # llama.cpp's spelling
+    with pytest.raises(ValueError, match="llama.cpp has no pre-tokenizer for this split regex") as e:
+        gguf_pre_name(r"\w+|\s+")
+    assert "\n" not in str(e.value)
+    # the forms tiktoken ships today (what from_tiktoken's tokenizers carry) are recognised too,
+    # and they split text exactly as our two patterns do
+    import regex
+    import tiktoken_ext.openai_public as openai_public
+    assert tokenizer._TIKTOKEN_R50K == openai_public.r50k_pat_str
+    assert tokenizer._TIKTOKEN_CL100K in inspect.getsource(openai_public.cl100k_base)  # raw r"""..."""
+    assert gguf_pre_name(tokenizer._TIKTOKEN_CL100K) == "llama-bpe" and gguf_pre_name(tokenizer._TIKTOKEN_R50K) == "gpt-2"
+    rng = random.Random(2)
+    texts = TOKENIZER_SAMPLES + HF_EXTRA_SAMPLES + [_tokenizer_random_text(rng, 60) for _ in range(200)]
+    for ours, theirs in ((tokenizer.GPT4_PATTERN, tokenizer._TIKTOKEN_CL100K),
+                         (tokenizer.GPT2_PATTERN, tokenizer._TIKTOKEN_R50K)):
+        for text in texts:
+            assert regex.findall(ours, text) == regex.findall(theirs, text), text
+
+
+# -----------------------------------------------------------------------------
 # prepare.py: corpus -> shards
 
 # Tests for prepare.py: shard format, cleaning counts, exact bytes, splits, downloads, idempotence.
@@ -1615,6 +1832,514 @@ def test_model_cuda_bf16_sdpa_matches_fp32():
 
 
 # -----------------------------------------------------------------------------
+# model.py -> GGUF for llama.cpp (GPT.save_gguf)
+
+try:  # llama.cpp's own GGUF package, a test-only dependency (.ci/run installs it)
+    import gguf
+except ImportError:
+    gguf = None
+_needs_gguf = pytest.mark.skipif(gguf is None, reason="needs the gguf package: pip install gguf")
+
+# -----------------------------------------------------------------------------
+# Models and a vocabulary
+
+_TINY = dict(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
+_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=64)  # with hs=8 and theta=500: all three regimes
+_STYLES = {
+    "gpt2": dict(_TINY),
+    "llama": dict(_TINY, norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, n_kv_head=1,
+                  tie_embeddings=False),
+    # llama.cpp's llama takes optional biases, a tied head and Llama 3.1 scaling (rope_freqs)
+    "llama-bias-tied-llama3": dict(_TINY, n_head=4, n_kv_head=2, norm="rmsnorm", mlp="swiglu",
+                                   pos="rope", bias=True, tie_embeddings=True, rope_theta=500.0,
+                                   rope_scaling=_SCALING, norm_eps=1e-6),
+}
+
+
+def _model(style: str, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    m = GPT(GPTConfig(**_STYLES[style])).eval()
+    cfg = m.config
+    q_and_k = (cfg.n_head + cfg.n_kv_head) * (cfg.n_embd // cfg.n_head)  # rows of c_attn
+    with torch.no_grad():  # non-trivial norms and biases, so a swapped or zeroed one shows
+        for name, p in m.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+            # subtle: at GPT-2's init (std 0.02) attention is nearly uniform and RoPE hardly
+            # matters (a file without the q/k permutation was off by only 5e-4 in llama.cpp);
+            # larger q, k make scores of order 1, so a wrong rotation shows in the logits
+            if name.endswith("attn.c_attn.weight"):
+                p[:q_and_k] *= 10
+    return m
+
+
+def _vocab(n: int = 60) -> dict:
+    """n byte-level tokens (fewer than the 64 rows, so save_gguf pads), a few merges."""
+    tokens = [chr(0x21 + i) for i in range(n - 4)] + ["Ġthe", "Ġ", "<|endoftext|>", "<|end|>"]
+    return {"tokens": tokens, "merges": ["! \"", "Ġ t"], "pre": "llama-bpe",
+            "bos_id": n - 2, "eos_id": n - 2, "eot_id": n - 1, "pad_id": 0,
+            "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}
+
+
+def _export(tmp_path, style="llama", dtype="f32", vocab=None):
+    m = _model(style)
+    path = str(tmp_path / f"{style}-{dtype}.gguf")
+    m.save_gguf(path, vocab or _vocab(), dtype)
+    return m, path, gguf.GGUFReader(path)
+
+
+def _fields(reader) -> dict:
+    """Every metadata key -> its value, as gguf's reader decodes it (GGUF.* is the header)."""
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def _as_torch(t) -> torch.Tensor:
+    """A ReaderTensor's values in numpy order (ggml's dims reversed), in its stored dtype."""
+    if t.tensor_type == gguf.GGMLQuantizationType.BF16:  # the reader hands back raw bytes
+        raw = np.ascontiguousarray(t.data).view(np.int16).reshape(tuple(reversed(t.shape.tolist())))
+        return torch.from_numpy(raw.copy()).view(torch.bfloat16)
+    return torch.from_numpy(np.array(t.data))
+
+
+def _undo_rope_pairs(w, n_heads):
+    """The inverse of model._rope_pairs_adjacent, written independently: row 2j back to j and
+    row 2j + 1 back to j + hs/2 inside each head."""
+    hs = w.shape[0] // n_heads
+    return w.reshape(n_heads, hs // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+# -----------------------------------------------------------------------------
+# Metadata
+
+
+@pytest.mark.parametrize("style", sorted(_STYLES))
+@_needs_gguf
+def test_gguf_metadata_is_every_key_llama_cpp_reads(tmp_path, style):
+    m, _, r = _export(tmp_path, style)
+    cfg, v = m.config, _vocab()
+    arch = "gpt2" if style == "gpt2" else "llama"
+    want = {
+        "general.architecture": arch, "general.file_type": 0,  # LlamaFileType.ALL_F32
+        f"{arch}.context_length": 16, f"{arch}.embedding_length": cfg.n_embd,
+        f"{arch}.block_count": 2, f"{arch}.feed_forward_length": model.mlp_hidden_size(cfg),
+        f"{arch}.attention.head_count": cfg.n_head,
+        f"{arch}.attention.head_count_kv": cfg.n_kv_head, f"{arch}.vocab_size": 64,
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe",
+        # 60 tokens padded to the 64 rows with placeholders of type unused (5), as
+        # convert_hf_to_gguf.py pads; the special ids are control tokens (3)
+        "tokenizer.ggml.tokens": v["tokens"] + ["[PAD60]", "[PAD61]", "[PAD62]", "[PAD63]"],
+        "tokenizer.ggml.token_type": [3] + [1] * 57 + [3, 3] + [5] * 4,
+        "tokenizer.ggml.merges": v["merges"],
+        "tokenizer.ggml.bos_token_id": 58, "tokenizer.ggml.eos_token_id": 58,
+        "tokenizer.ggml.eot_token_id": 59, "tokenizer.ggml.padding_token_id": 0,
+        "tokenizer.ggml.add_bos_token": False, "tokenizer.chat_template": v["chat_template"],
+    }
+    eps_key = "attention.layer_norm_" + ("epsilon" if arch == "gpt2" else "rms_epsilon")
+    if arch == "llama":
+        want["llama.rope.freq_base"] = cfg.rope_theta
+        want["llama.rope.dimension_count"] = cfg.n_embd // cfg.n_head
+    got = _fields(r)
+    # GGUF stores the epsilon and base as float32
+    assert got.pop(f"{arch}.{eps_key}") == pytest.approx(cfg.norm_eps, rel=1e-6)
+    assert got == want
+    assert r.fields["GGUF.version"].contents() == 3
+
+
+@_needs_gguf
+def test_gguf_add_bos_and_default_token_types(tmp_path):
+    # no token_types: every special id given is a control token; add_bos is written as asked
+    v = {"tokens": ["a", "b", "ab", "<|endoftext|>"], "merges": ["a b"], "pre": "gpt-2",
+         "bos_id": 3, "add_bos": True}
+    _, _, r = _export(tmp_path, "gpt2", vocab=v)
+    got = _fields(r)
+    assert got["tokenizer.ggml.token_type"] == [1, 1, 1, 3] + [5] * 60
+    assert got["tokenizer.ggml.add_bos_token"] is True
+    assert "tokenizer.ggml.eos_token_id" not in got and "tokenizer.chat_template" not in got
+
+
+# -----------------------------------------------------------------------------
+# Tensors: names, shapes, dtypes, values
+
+
+def _llama_cpp_shapes(cfg: GPTConfig) -> dict:
+    """name -> ggml dims (ne0 = the input side first), as llama.cpp's load_arch_tensors asks
+    for them (src/models/llama.cpp, src/models/gpt2.cpp); optional ones included when ours
+    has them. Hand-written from llama.cpp, independent of gguf's name tables."""
+    C, V, hs, ff = cfg.n_embd, cfg.vocab_size, cfg.n_embd // cfg.n_head, model.mlp_hidden_size(cfg)
+    q, kv = cfg.n_head * hs, cfg.n_kv_head * hs
+    out = {"token_embd.weight": [C, V], "output_norm.weight": [C]}
+    if not cfg.tie_embeddings:  # tied: llama.cpp reuses token_embd when output is absent
+        out["output.weight"] = [C, V]
+    if cfg.pos == "learned":
+        out |= {"position_embd.weight": [C, cfg.block_size], "output_norm.bias": [C]}
+    if cfg.rope_scaling:
+        out["rope_freqs.weight"] = [hs // 2]
+    for i in range(cfg.n_layer):
+        b = f"blk.{i}."
+        out |= {b + "attn_norm.weight": [C], b + "ffn_norm.weight": [C],
+                b + "attn_output.weight": [q, C], b + "ffn_up.weight": [C, ff],
+                b + "ffn_down.weight": [ff, C]}
+        if cfg.pos == "learned":  # gpt2: one fused q,k,v matrix, every bias required
+            out |= {b + "attn_qkv.weight": [C, q + 2 * kv], b + "attn_qkv.bias": [q + 2 * kv],
+                    b + "attn_norm.bias": [C], b + "ffn_norm.bias": [C]}
+        else:
+            out |= {b + "attn_q.weight": [C, q], b + "attn_k.weight": [C, kv],
+                    b + "attn_v.weight": [C, kv], b + "ffn_gate.weight": [C, ff]}
+            if cfg.bias:
+                out |= {b + "attn_q.bias": [q], b + "attn_k.bias": [kv], b + "attn_v.bias": [kv],
+                        b + "ffn_gate.bias": [ff]}
+        if cfg.bias:
+            out |= {b + "attn_output.bias": [C], b + "ffn_up.bias": [ff], b + "ffn_down.bias": [C]}
+    return out
+
+
+def _ours_by_gguf_name(m: GPT) -> dict:
+    """Our tensors under the names llama.cpp uses, split and un-permuted by hand here."""
+    cfg, sd = m.config, m.state_dict()
+    hs = cfg.n_embd // cfg.n_head
+    out = {"token_embd.weight": sd["transformer.wte.weight"],
+           "output_norm.weight": sd["transformer.ln_f.weight"]}
+    if not cfg.tie_embeddings:
+        out["output.weight"] = sd["lm_head.weight"]
+    if cfg.pos == "learned":
+        out |= {"position_embd.weight": sd["transformer.wpe.weight"],
+                "output_norm.bias": sd["transformer.ln_f.bias"]}
+    ours = {"attn_norm": "ln_1", "ffn_norm": "ln_2", "attn_output": "attn.c_proj",
+            "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj", "ffn_gate": "mlp.c_gate",
+            "attn_qkv": "attn.c_attn"}
+    for i in range(cfg.n_layer):
+        for g, o in ours.items():
+            for s in ("weight", "bias"):
+                key = f"transformer.h.{i}.{o}.{s}"
+                if key in sd and not (g == "attn_qkv" and cfg.pos == "rope"):
+                    out[f"blk.{i}.{g}.{s}"] = sd[key]
+                elif key in sd:  # Llama: q, k, v stored apart
+                    q, k, v = sd[key].split([cfg.n_head * hs, cfg.n_kv_head * hs,
+                                             cfg.n_kv_head * hs])
+                    out |= {f"blk.{i}.attn_q.{s}": q, f"blk.{i}.attn_k.{s}": k,
+                            f"blk.{i}.attn_v.{s}": v}
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize("style", sorted(_STYLES))
+@_needs_gguf
+def test_gguf_tensors_have_llama_cpp_names_shapes_dtypes_and_our_values(tmp_path, style, dtype):
+    m, _, r = _export(tmp_path, style, dtype)
+    cfg = m.config
+    got = {t.name: t for t in r.tensors}
+    want_shapes = _llama_cpp_shapes(cfg)
+    assert sorted(got) == sorted(want_shapes)
+    assert {n: t.shape.tolist() for n, t in got.items()} == want_shapes
+    assert _fields(r)["general.file_type"] == {"f32": 0, "f16": 1, "bf16": 32}[dtype]
+    ours = _ours_by_gguf_name(m)
+    stored = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    for name, t in got.items():
+        # convert_hf_to_gguf.py keeps 1-D tensors, norms and position embeddings in f32
+        f32 = len(want_shapes[name]) == 1 or name.startswith("position_embd")
+        assert t.tensor_type.name == ("F32" if f32 else dtype.upper()), name
+        if name == "rope_freqs.weight":
+            continue  # derived, not a weight of ours: its own test below
+        value = _as_torch(t)
+        if ".attn_q." in name or ".attn_k." in name:  # undo llama.cpp's pair layout
+            value = _undo_rope_pairs(value, cfg.n_head if ".attn_q." in name else cfg.n_kv_head)
+        want = ours[name].to(torch.float32 if f32 else stored)
+        assert value.dtype == want.dtype and torch.equal(value, want), name  # bit for bit
+
+
+@_needs_gguf
+def test_gguf_names_agree_with_llama_cpp_arch_tables(tmp_path):
+    # every name is one that gguf's MODEL_TENSORS lists for the architecture
+    for style in _STYLES:
+        _, _, r = _export(tmp_path, style)
+        arch = gguf.MODEL_ARCH.GPT2 if style == "gpt2" else gguf.MODEL_ARCH.LLAMA
+        allowed = {gguf.TENSOR_NAMES[t].format(bid=i) for t in gguf.MODEL_TENSORS[arch]
+                   for i in range(2)}
+        assert {t.name.rsplit(".", 1)[0] for t in r.tensors} <= allowed
+
+
+# -----------------------------------------------------------------------------
+# RoPE: the permuted rows under ggml's rope are our rotate-half RoPE
+
+
+def _ggml_rope_normal(x, positions, base: float, freq_factors=None):
+    """ggml's GGML_ROPE_TYPE_NORMAL (ggml-cpu/ops.cpp: ggml_rope_cache_init + rotate_pairs with
+    n_offset 1), with llama.cpp's defaults (freq_scale 1, ext_factor 0, attn_factor 1): pair
+    (x[i0], x[i0+1]) of each head turns by p * base^(-i0/n_dims) / freq_factors[i0/2].
+    x (T, heads, hs) -> (T, heads, hs), in float64."""
+    x = x.double()
+    out = x.clone()
+    hs = x.shape[-1]
+    for i0 in range(0, hs, 2):
+        ff = 1.0 if freq_factors is None else float(freq_factors[i0 // 2])
+        theta = positions.double() * base ** (-i0 / hs) / ff  # (T,)
+        c, s = theta.cos()[:, None], theta.sin()[:, None]  # (T, 1)
+        x0, x1 = x[..., i0], x[..., i0 + 1]  # (T, heads)
+        out[..., i0] = x0 * c - x1 * s
+        out[..., i0 + 1] = x0 * s + x1 * c
+    return out
+
+
+@_needs_gguf
+def test_gguf_rope_pair_permutation_maps_rows_as_documented():
+    # hs = 4: rotate-half pairs (0, 2) and (1, 3) become adjacent (0, 1) and (2, 3)
+    rows = torch.arange(8.0)  # two heads of hs = 4
+    assert model._rope_pairs_adjacent(rows, 2).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+    w = torch.randn(12, 5)
+    torch.testing.assert_close(_undo_rope_pairs(model._rope_pairs_adjacent(w, 3), 3), w,
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scaling", [None, _SCALING])
+@_needs_gguf
+def test_gguf_rope_permutation_under_ggml_rope_equals_our_rope(scaling):
+    # the numerical proof: ggml's normal RoPE on the permuted rows == our rotate-half RoPE with
+    # its output rows permuted, so q.k (all attention reads) is the same in llama.cpp and here
+    torch.manual_seed(0)
+    T, nh, hs, base = 16, 3, 8, 500.0
+    cos, sin = model.rope_tables(T, hs, base, scaling)  # (T, hs)
+    q = torch.randn(T, nh, hs, dtype=torch.float64)
+    k = torch.randn(T, nh, hs, dtype=torch.float64)
+    ours_q = model.apply_rope(q.transpose(0, 1), cos.double(), sin.double()).transpose(0, 1)
+    ours_k = model.apply_rope(k.transpose(0, 1), cos.double(), sin.double()).transpose(0, 1)
+    perm = lambda x: model._rope_pairs_adjacent(x.reshape(T, nh * hs).T, nh).T.reshape(T, nh, hs)
+    ff = None
+    if scaling:  # the factors save_gguf writes, checked against the converter below
+        ff = model._rope_factors(GPTConfig(**dict(_TINY, n_embd=nh * hs, n_head=nh, pos="rope",
+                                                  norm="rmsnorm", mlp="swiglu",
+                                                  rope_theta=base, rope_scaling=scaling)))
+    pos = torch.arange(T)
+    ggml_q = _ggml_rope_normal(perm(q), pos, base, ff)  # (T, nh, hs)
+    ggml_k = _ggml_rope_normal(perm(k), pos, base, ff)
+    torch.testing.assert_close(ggml_q, perm(ours_q), atol=1e-6, rtol=1e-6)
+    scores = lambda a, b: torch.einsum("thd,shd->hts", a, b)  # (nh, T, T)
+    torch.testing.assert_close(scores(ggml_q, ggml_k), scores(ours_q, ours_k), atol=1e-5, rtol=1e-6)
+    # and the permutation is not a no-op here: the unpermuted rows give other values
+    assert not torch.allclose(_ggml_rope_normal(q, pos, base, ff), ours_q, atol=1e-3)
+
+
+@_needs_gguf
+def test_gguf_rope_freqs_follow_the_converter_formula(tmp_path):
+    # convert_hf_to_gguf.py LlamaModel.generate_extra_tensors: per pair, 1 where the wave is
+    # shorter than original/high_freq_factor, factor where longer than original/low, a blend
+    m, _, r = _export(tmp_path, "llama-bias-tied-llama3")
+    cfg = m.config
+    hs = cfg.n_embd // cfg.n_head
+    s = cfg.rope_scaling
+    low_wave = s["original_max_position_embeddings"] / s["low_freq_factor"]
+    high_wave = s["original_max_position_embeddings"] / s["high_freq_factor"]
+    want = []
+    for i in range(0, hs, 2):
+        wave = 2 * math.pi * cfg.rope_theta ** (i / hs)
+        if wave < high_wave:
+            want.append(1.0)
+        elif wave > low_wave:
+            want.append(s["factor"])
+        else:
+            smooth = (s["original_max_position_embeddings"] / wave - s["low_freq_factor"]) / (
+                s["high_freq_factor"] - s["low_freq_factor"])
+            want.append(1 / ((1 - smooth) / s["factor"] + smooth))
+    got = _as_torch(next(t for t in r.tensors if t.name == "rope_freqs.weight"))
+    assert len(set(want)) > 2  # the three regimes all occur at this size
+    torch.testing.assert_close(got, torch.tensor(want), atol=1e-5, rtol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# The whole file, run the way llama.cpp's graphs compute, gives our logits
+
+
+def _llama_cpp_reference_logits(path: str, ids: list) -> torch.Tensor:
+    """Logits (T, V) of a forward pass that reads only the GGUF file: llama.cpp's llm_build
+    graphs for gpt2 and llama as written in src/models/*.cpp and llama-graph.cpp (pre-norm
+    blocks, build_qkv's q, k, v split, ggml's normal RoPE, query head h reading kv head
+    h // (nh / nkv), build_ffn's GELU or SiLU-gated MLP), in float64."""
+    r = gguf.GGUFReader(path)
+    meta = _fields(r)
+    W = {t.name: _as_torch(t).double() for t in r.tensors}
+    arch = meta["general.architecture"]
+    C, L = meta[f"{arch}.embedding_length"], meta[f"{arch}.block_count"]
+    nh, nkv = meta[f"{arch}.attention.head_count"], meta[f"{arch}.attention.head_count_kv"]
+    hs, T = C // nh, len(ids)
+    eps = meta.get(f"{arch}.attention.layer_norm_epsilon",
+                   meta.get(f"{arch}.attention.layer_norm_rms_epsilon"))
+
+    def lin(x, name):  # ggml_mul_mat(w, x) + optional bias
+        y = x @ W[name + ".weight"].T
+        return y + W[name + ".bias"] if name + ".bias" in W else y
+
+    def norm(x, name):  # LLM_NORM (LayerNorm) for gpt2, LLM_NORM_RMS for llama
+        if arch == "gpt2":
+            var = x.var(-1, unbiased=False, keepdim=True)
+            x = (x - x.mean(-1, keepdim=True)) / torch.sqrt(var + eps)
+            return x * W[name + ".weight"] + W[name + ".bias"]
+        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * W[name + ".weight"]
+
+    pos = torch.arange(T)
+    x = W["token_embd.weight"][ids]  # (T, C)
+    if arch == "gpt2":
+        x = x + W["position_embd.weight"][pos]
+    for i in range(L):
+        b = f"blk.{i}."
+        h = norm(x, b + "attn_norm")
+        if arch == "gpt2":
+            q, k, v = lin(h, b + "attn_qkv").split([nh * hs, nkv * hs, nkv * hs], -1)
+        else:
+            q, k, v = lin(h, b + "attn_q"), lin(h, b + "attn_k"), lin(h, b + "attn_v")
+        q, k, v = q.view(T, nh, hs), k.view(T, nkv, hs), v.view(T, nkv, hs)
+        if arch == "llama":
+            ff = W.get("rope_freqs.weight")
+            q = _ggml_rope_normal(q, pos, meta["llama.rope.freq_base"], ff)
+            k = _ggml_rope_normal(k, pos, meta["llama.rope.freq_base"], ff)
+        heads = []
+        for hq in range(nh):
+            hk = hq // (nh // nkv)
+            att = q[:, hq] @ k[:, hk].T / math.sqrt(hs)  # (T, T)
+            att = att.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+            heads.append(att.softmax(-1) @ v[:, hk])  # (T, hs)
+        x = x + lin(torch.cat(heads, -1), b + "attn_output")
+        h = norm(x, b + "ffn_norm")
+        if arch == "gpt2":
+            h = F.gelu(lin(h, b + "ffn_up"), approximate="tanh")  # ggml_gelu is the tanh form
+        else:
+            h = F.silu(lin(h, b + "ffn_gate")) * lin(h, b + "ffn_up")
+        x = x + lin(h, b + "ffn_down")
+    x = norm(x, "output_norm")
+    return x @ W.get("output.weight", W["token_embd.weight"]).T  # (T, V)
+
+
+@pytest.mark.parametrize("style", sorted(_STYLES))
+@_needs_gguf
+def test_gguf_file_run_as_llama_cpp_computes_gives_our_logits(tmp_path, style):
+    m, path, _ = _export(tmp_path, style)
+    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = m(ids, ids)[0][0]  # (T, V)
+    got = _llama_cpp_reference_logits(path, ids[0].tolist())
+    torch.testing.assert_close(got.float(), want, atol=1e-6, rtol=0)  # measured 9e-8
+
+
+@pytest.mark.parametrize("dtype, atol", [("f32", 3e-4), ("f16", 3e-4), ("bf16", 3e-3)])
+@_needs_gguf
+def test_gguf_runs_in_llama_cpp_itself(tmp_path, dtype, atol):
+    # the real thing, where llama-cpp-python (llama.cpp's C++ behind a Python API) is installed.
+    # Measured (llama-cpp-python 0.3.36, CPU): f32 within 3.1e-5 (llama.cpp keeps K and V in
+    # f16), f16 4.2e-5, bf16 7.7e-4 (ggml rounds activations to bf16 too); leaving the q/k
+    # permutation out moved the llama logits by 5.6e-2, the llama3 ones by 6.0e-3
+    llama_cpp = pytest.importorskip("llama_cpp")
+    ids = torch.randint(0, 58, (1, 16), generator=torch.Generator().manual_seed(2))
+    for style in _STYLES:
+        m, path, _ = _export(tmp_path, style, dtype)
+        with torch.no_grad():  # the reference: our model with the file's rounded weights
+            for name, p in m.named_parameters():
+                if p.dim() == 2 and "wpe" not in name:  # what save_gguf stores in dtype
+                    p.copy_(p.to(getattr(torch, {"f32": "float32", "f16": "float16",
+                                                 "bf16": "bfloat16"}[dtype])).float())
+            want = m(ids, ids)[0][0]  # (T, V)
+        llm = llama_cpp.Llama(model_path=path, n_ctx=16, logits_all=True, verbose=False,
+                              n_threads=1, seed=0)
+        llm.eval(ids[0].tolist())
+        got = torch.tensor(np.array(llm.scores[: ids.shape[1]]), dtype=torch.float32)
+        torch.testing.assert_close(got, want, atol=atol, rtol=0, msg=f"{style} {dtype}")
+        # its tokenizer loaded too: text -> our ids, without a BOS since add_bos is False
+        assert llm.tokenize(b'!"#', add_bos=True) == [0, 1, 2]
+        assert llm.token_eos() == 58
+
+
+# -----------------------------------------------------------------------------
+# Refusals, each before anything is written
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (dict(norm="rmsnorm"), "norm=rmsnorm, mlp=gelu, pos=learned"),  # learned positions + RMSNorm
+    (dict(pos="rope"), "pos=rope"),  # RoPE with LayerNorm and GELU
+    (dict(norm="rmsnorm", mlp="gelu", pos="rope", bias=False), "mlp=gelu"),  # Llama without SwiGLU
+    (dict(bias=False), "bias=False"),  # llama.cpp's gpt2 requires every bias
+    (dict(n_head=4, n_kv_head=2), "n_kv_head=2"),  # GQA in the GPT-2 layout
+])
+@_needs_gguf
+def test_gguf_refuses_configs_no_llama_cpp_architecture_holds(tmp_path, change, fragment):
+    m = GPT(GPTConfig(**{**_TINY, **change}))
+    path = tmp_path / "m.gguf"
+    with pytest.raises(ValueError, match="GGUF export needs") as e:
+        m.save_gguf(str(path), _vocab())
+    assert fragment in str(e.value) and "train with one of those" in str(e.value)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("bad, fragment", [
+    ({"dtype": "q8_0"}, "dtype='q8_0'"),
+    ({"drop": "pre"}, "lacks 'pre'"),
+    ({"set": ("merge", [])}, "unknown key 'merge'"),
+    ({"set": ("tokens", [str(i) for i in range(65)])}, "65 tokens but the model only 64"),
+    ({"set": ("pre", "gpt2")}, "called 'gpt-2'"),
+    ({"set": ("eos_id", 99)}, "eos_id=99"),
+    ({"set": ("token_types", [1, 3])}, "2 token_types"),
+    ({"set": ("tokens", [b"a"] * 4)}, "must be strings"),
+])
+@_needs_gguf
+def test_gguf_refuses_bad_arguments_in_one_sentence(tmp_path, bad, fragment):
+    m = _model("llama")
+    v = _vocab()
+    if "drop" in bad:
+        del v[bad["drop"]]
+    if "set" in bad:
+        v[bad["set"][0]] = bad["set"][1]
+    with pytest.raises(ValueError, match="^[^\n]*$") as e:
+        m.save_gguf(str(tmp_path / "m.gguf"), v, bad.get("dtype", "f32"))
+    assert fragment in str(e.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_gguf_missing_package_says_pip_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # makes `import gguf` raise ImportError
+    with pytest.raises(RuntimeError, match="pip install gguf"):
+        _model("gpt2").save_gguf(str(tmp_path / "m.gguf"), _vocab())
+    assert os.listdir(tmp_path) == []
+
+
+@_needs_gguf
+def test_gguf_write_is_atomic(tmp_path, monkeypatch):
+    # a failure while writing leaves the previous file whole; a success replaces it
+    m = _model("llama")
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"old")
+
+    def boom(self, *a, **k):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(gguf.GGUFWriter, "write_tensors_to_file", boom)
+        with pytest.raises(OSError):
+            m.save_gguf(str(path), _vocab())
+    assert path.read_bytes() == b"old"
+    m.save_gguf(str(path), _vocab())
+    assert gguf.GGUFReader(str(path)).fields["general.architecture"].contents() == "llama"
+    assert os.listdir(tmp_path) == ["m.gguf"]  # the new .tmp was renamed over it
+
+
+@_needs_gguf
+def test_gguf_llama_cpp_tokenizes_like_our_tokenizer(tmp_path):
+    # the vocab as sample.py builds it from a trained Tokenizer (tokenizer.py's hf_vocab and
+    # gguf_pre_name): llama.cpp splits and merges text into our very ids, for both regexes
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import sample
+    from tokenizer import Tokenizer
+    text = "def hello(x):\n    return x + 42  # héllo 世界 !!\n\n" * 20 + "The cat sat. " * 30
+    for pattern in ("gpt4", "gpt2"):
+        tok = Tokenizer.train(text, vocab_size=300, pattern=pattern)
+        m = GPT(GPTConfig(**dict(_STYLES["llama"], vocab_size=320, block_size=64)))
+        path = str(tmp_path / f"{pattern}.gguf")
+        m.save_gguf(path, sample.gguf_vocab(tok, 320))
+        llm = llama_cpp.Llama(model_path=path, n_ctx=64, verbose=False, n_threads=1)
+        s = "def cat(y):  # 世界 sat!\n\treturn 7\n"
+        ids = llm.tokenize(s.encode(), add_bos=False, special=False)
+        assert ids == tok.encode(s), pattern
+        assert llm.detokenize(ids).decode() == s
+        assert llm.token_eos() == tok.eot_id
+
+
+# -----------------------------------------------------------------------------
 # train.py: pretraining
 
 # Tests for train.py: tiny models on a tiny stdlib-source dataset built in a temporary directory.
@@ -2182,6 +2907,273 @@ def test_train_checkpoint_is_fsynced_around_the_rename(_train_data, tmp_path, mo
 
 
 # -----------------------------------------------------------------------------
+# train.py on llm.c's and modded-nanogpt's shards as they are (no meta.json)
+
+import base64
+import tempfile
+
+import requests
+import tiktoken.registry
+
+LLMC_SHARD_TOKENS = 2500  # llm.c writes 10**8 tokens a shard; a few thousand keep the test fast
+
+
+def _write_llmc_shard(path, toks):
+    """llm.c's dev/data/data_common.py write_datafile("gpt-2"), restated: 256 int32 (magic
+    20240520, version 1, token count, zeros), then the tokens as uint16."""
+    header = np.zeros(256, dtype=np.int32)
+    header[0], header[1], header[2] = 20240520, 1, len(toks)
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.array(toks, dtype=np.uint16).tobytes())
+
+
+def _write_llmc_dataset(folder, tok, docs, name="fineweb"):
+    """llm.c's dev/data/fineweb.py sharding: every document opens with <|endoftext|>, the token
+    stream is cut into shards of LLMC_SHARD_TOKENS (a document may straddle two), the first shard
+    is NAME_val_000000.bin and the rest NAME_train_000001.bin, ... Returns the val shard's ids."""
+    os.makedirs(folder, exist_ok=True)
+    stream = []
+    for doc in docs:
+        stream += [tok.eot_id] + tok.encode(doc)
+    shards = [stream[i:i + LLMC_SHARD_TOKENS] for i in range(0, len(stream), LLMC_SHARD_TOKENS)]
+    assert len(shards) >= 3
+    for index, ids in enumerate(shards):
+        split = "val" if index == 0 else "train"
+        _write_llmc_shard(os.path.join(folder, f"{name}_{split}_{index:06d}.bin"), ids)
+    return shards[0]
+
+
+def _write_ranks_file(path, tok):
+    """tiktoken's .tiktoken format: one "base64(bytes) rank" line per mergeable token, no
+    special tokens (GPT-2's file has 50256 lines; <|endoftext|> = 50256 comes from convention)."""
+    lines = [f"{base64.b64encode(b).decode('ascii')} {i}"
+             for b, i in sorted(tok.ranks.items(), key=lambda item: item[1])]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _decoded_bytes_by_hand(tok, ids):
+    """The text bytes of ids: each non-special id's bytes, <|endoftext|> counting none."""
+    return len(b"".join(tok.vocab[i] for i in ids if i not in tok.special_tokens.values()))
+
+
+@pytest.fixture(scope="module")
+def llmc(tmp_path_factory):
+    """A folder of llm.c shards (no meta.json) and the ranks file of the BPE that wrote them."""
+    root = tmp_path_factory.mktemp("llmc")
+    text = _stdlib_text(40000)
+    tok = Tokenizer.train(text[:20000], 300, pattern="gpt2")
+    # documents of ~1500 characters, cut at line ends, as FineWeb's are separate web pages
+    docs, start = [], 0
+    while start < len(text):
+        end = text.find("\n", start + 1500)
+        end = len(text) if end < 0 else end + 1
+        docs.append(text[start:end])
+        start = end
+    data = str(root / "fineweb10B")
+    val_ids = _write_llmc_dataset(data, tok, docs)
+    ranks = str(root / "tiny.tiktoken")
+    _write_ranks_file(ranks, tok)
+    return {"dir": data, "ranks": ranks, "tok": tok, "val_ids": val_ids, "docs": docs}
+
+
+def test_llmc_shard_names():
+    """llm.c's and modded-nanogpt's names are recognised, prepare.py's own are not (a prepared
+    folder that lost its meta.json keeps load_meta's error)."""
+    def names(tmp, files):
+        for f in files:
+            open(os.path.join(tmp, f), "wb").close()
+        return train.llmc_shards(tmp)
+    with tempfile.TemporaryDirectory() as tmp:
+        assert names(tmp, ["fineweb_train_000002.bin", "fineweb_val_000000.bin",
+                           "fineweb_train_000001.bin", "notes.txt"]) == {
+            "train": ["fineweb_train_000001.bin", "fineweb_train_000002.bin"],
+            "val": ["fineweb_val_000000.bin"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        assert names(tmp, ["tiny_shakespeare_val.bin", "tiny_shakespeare_train.bin"]) == {
+            "train": ["tiny_shakespeare_train.bin"], "val": ["tiny_shakespeare_val.bin"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        assert names(tmp, ["edu_fineweb_val_000000.bin"])["val"] == ["edu_fineweb_val_000000.bin"]
+    with tempfile.TemporaryDirectory() as tmp:
+        assert names(tmp, ["train_000.bin", "val_000.bin"]) is None  # prepare.py's naming
+    with tempfile.TemporaryDirectory() as tmp:
+        open(os.path.join(tmp, "meta.json"), "w").close()
+        assert names(tmp, ["fineweb_val_000000.bin"]) is None  # a meta.json: prepare.py's path
+
+
+def test_llmc_dataset_by_name_in_data_dir(llmc):
+    """--dataset=fineweb10B finds data_dir/fineweb10B, as it finds a prepared dataset there."""
+    cfg = train.TrainConfig(dataset="fineweb10B", data_dir=os.path.dirname(llmc["dir"]))
+    folder, found = train.find_llmc_dataset(cfg)
+    assert folder == llmc["dir"] and found["val"] == ["fineweb_val_000000.bin"]
+    assert train.find_llmc_dataset(train.TrainConfig(dataset="pystdlib")) is None
+
+
+def test_llmc_shards_train_with_ranks_file(llmc, tmp_path):
+    """A few steps on the shards as llm.c lays them out; bits per byte uses the val shard's
+    decoded bytes (computed here by hand); the out_dir samples and resumes."""
+    out = tmp_path / "out"
+    cfg = _train_cfg(llmc["dir"], out, tokenizer=llmc["ranks"], max_steps=4, eval_interval=2)
+    res = train.train(cfg)
+    tok, val_ids = llmc["tok"], llmc["val_ids"]
+    n_bytes = _decoded_bytes_by_hand(tok, val_ids)
+    # the val shard ends inside a document (llm.c cuts the stream), so its bytes are those of
+    # its own tokens: all the whole documents it holds, then the start of the next
+    whole = [d for d in llmc["docs"] if d][:val_ids.count(tok.eot_id) - 1]
+    assert n_bytes > sum(len(d.encode("utf-8")) for d in whole)
+    assert res["val_bpb"] == pytest.approx(train.bits_per_byte(res["val_loss"], len(val_ids),
+                                                               n_bytes), rel=1e-12)
+    cache = json.load(open(os.path.join(llmc["dir"], train.VAL_BYTES_FILE)))
+    assert (cache["bytes"], cache["tokens"], cache["documents"]) == (
+        n_bytes, len(val_ids), val_ids.count(tok.eot_id))
+    # the tokenizer was saved into out_dir in tokenizer.py's format, and sample.py uses it
+    saved = Tokenizer.load(str(out / "tokenizer.bpe"))
+    assert saved.ranks == tok.ranks and saved.eot_id == tok.eot_id == len(tok.ranks)
+    model, tok2, vocab_limit = sample.load_for_sampling(str(out))
+    assert vocab_limit == tok.n_vocab
+    idx = torch.tensor([[tok2.eot_id]])
+    assert model.generate(idx, 5, temperature=0.0, vocab_limit=vocab_limit).shape == (1, 6)
+    # --resume finds the same tokenizer (sha256 of its saved form) and continues
+    res2 = train.train(_train_cfg(llmc["dir"], out, tokenizer=llmc["ranks"], max_steps=6,
+                                  eval_interval=2, resume=True))
+    assert res2["step"] == 6
+
+
+def test_llmc_val_bytes_cache(llmc, tmp_path, monkeypatch, capsys):
+    """The count is made once and reused; a changed val shard or tokenizer is counted again;
+    a read-only folder costs a warning, not the run."""
+    data = str(tmp_path / "shards")
+    shutil.copytree(llmc["dir"], data)
+    cache = os.path.join(data, train.VAL_BYTES_FILE)
+    if os.path.exists(cache):
+        os.remove(cache)
+    calls = []
+    real = train.count_text_bytes
+    monkeypatch.setattr(train, "count_text_bytes", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tok, val_ids = llmc["tok"], llmc["val_ids"]
+    found = train.llmc_shards(data)
+
+    def val_bytes(spec=llmc["ranks"]):
+        return train.load_llmc_dataset(data, found, spec)[1]["splits"]["val"]["bytes"]
+
+    assert val_bytes() == _decoded_bytes_by_hand(tok, val_ids) and len(calls) == 1
+    mtime = os.stat(cache).st_mtime_ns
+    assert val_bytes() == _decoded_bytes_by_hand(tok, val_ids) and len(calls) == 1  # reused
+    assert os.stat(cache).st_mtime_ns == mtime  # and not rewritten
+    # a new val shard, same name: counted again
+    shorter = val_ids[:1000]
+    _write_llmc_shard(os.path.join(data, "fineweb_val_000000.bin"), shorter)
+    assert val_bytes() == _decoded_bytes_by_hand(tok, shorter) and len(calls) == 2
+    # same size, other content: the mtime tells (set one second on: timestamps can be coarse)
+    other = val_ids[1000:2000]
+    _write_llmc_shard(os.path.join(data, "fineweb_val_000000.bin"), other)
+    st = os.stat(os.path.join(data, "fineweb_val_000000.bin"))
+    os.utime(os.path.join(data, "fineweb_val_000000.bin"), ns=(st.st_atime_ns, mtime + 10**9))
+    assert val_bytes() == _decoded_bytes_by_hand(tok, other) and len(calls) == 3
+    # another tokenizer (the same ranks saved as a tokenizer.bpe with another pattern): recounted
+    bpe = str(tmp_path / "other.bpe")
+    Tokenizer(tok.ranks, "gpt4", {"<|endoftext|>": tok.eot_id}).save(bpe)
+    assert val_bytes(bpe) == _decoded_bytes_by_hand(tok, other) and len(calls) == 4
+    # a damaged cache is counted again and replaced
+    with open(cache, "w") as f:
+        f.write("{not json")
+    assert val_bytes(bpe) == _decoded_bytes_by_hand(tok, other) and len(calls) == 5
+    assert json.load(open(cache))["bytes"] == _decoded_bytes_by_hand(tok, other)
+    # read-only (the tests may run as root, where chmod does not stop a write): one warning line
+    def refuse(path, text):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(train, "write_text", refuse)
+    os.remove(cache)
+    capsys.readouterr()
+    assert val_bytes(bpe) == _decoded_bytes_by_hand(tok, other) and len(calls) == 6
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "could not cache" in err[0] and "Permission denied" in err[0]
+    assert not os.path.exists(cache) and not os.path.exists(cache + ".tmp")
+
+
+def test_llmc_count_text_bytes_matches_decode(llmc):
+    """count_text_bytes (a histogram) agrees with decoding the ids and measuring the text;
+    ids past the vocabulary anywhere in the split are named, not miscounted."""
+    tok = llmc["tok"]
+    ids = np.array(llmc["val_ids"], dtype=np.uint16)
+    text = tok.decode([i for i in llmc["val_ids"] if i != tok.eot_id])
+    got = train.count_text_bytes(["val"], [ids], tok)
+    assert got == {"tokens": len(ids), "bytes": len(text.encode("utf-8")),
+                   "documents": int((ids == tok.eot_id).sum())}
+    bad = np.concatenate([ids, np.array([tok.n_vocab + 3], dtype=np.uint16)])
+    with pytest.raises(ValueError, match=f"holds token id {tok.n_vocab + 3}"):
+        train.count_text_bytes(["val"], [bad], tok)
+
+
+def _main_error(capsys, argv):
+    """train.main's exit status and its stderr, which must be one line."""
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and len(err.splitlines()) == 1, err
+    return err
+
+
+def _argv(data, out, *extra):
+    return [f"--dataset={data}", f"--out_dir={out}", "--device=cpu", "--n_layer=1", "--n_head=2",
+            "--n_embd=16", "--block_size=16", "--batch_size=2", "--max_steps=1", *extra]
+
+
+def test_llmc_bad_input(llmc, tmp_path, capsys):
+    """Each mistake is one sentence and exit status 1, before any training."""
+    tok = llmc["tok"]
+    out = tmp_path / "out"
+    # no validation shard
+    no_val = tmp_path / "no_val"
+    no_val.mkdir()
+    _write_llmc_shard(str(no_val / "fineweb_train_000001.bin"), llmc["val_ids"])
+    err = _main_error(capsys, _argv(no_val, out, f"--tokenizer={llmc['ranks']}"))
+    assert "no val shard" in err and "fineweb_val_000000.bin" in err
+    # ids beyond the tokenizer's vocabulary: shards of another (bigger) tokenizer
+    big = tmp_path / "big"
+    big.mkdir()
+    _write_llmc_shard(str(big / "fineweb_val_000000.bin"), llmc["val_ids"])
+    _write_llmc_shard(str(big / "fineweb_train_000001.bin"), [tok.eot_id, 50000, 1, 2])
+    err = _main_error(capsys, _argv(big, out, f"--tokenizer={llmc['ranks']}"))
+    assert "holds token id 50000" in err and f"{tok.n_vocab} ids" in err and "fineweb_train_000001" in err
+    # no --tokenizer at all
+    err = _main_error(capsys, _argv(llmc["dir"], out))
+    assert "--tokenizer=gpt2" in err and "no meta.json" in err
+    # a ranks file that is not one
+    junk = tmp_path / "junk.tiktoken"
+    junk.write_text("hello world again\n")
+    err = _main_error(capsys, _argv(llmc["dir"], out, f"--tokenizer={junk}"))
+    assert "not a tiktoken rank file" in err
+    # neither a file nor gpt2
+    err = _main_error(capsys, _argv(llmc["dir"], out, "--tokenizer=gtp2"))
+    assert "neither a file nor gpt2" in err
+    assert not out.exists() or not (out / "ckpt.pt").exists()
+
+
+def test_llmc_tokenizer_with_prepared_dataset_is_refused(tmp_path, capsys):
+    """--tokenizer with a prepare.py dataset: refused at once (before prepare.py would run)."""
+    err = _main_error(capsys, [f"--dataset={tmp_path / 'nothing_here'}", f"--data_dir={tmp_path}",
+                               f"--out_dir={tmp_path / 'out'}", "--device=cpu", "--tokenizer=gpt2"])
+    assert "drop --tokenizer" in err
+    assert not (tmp_path / "nothing_here").exists()
+
+
+def test_llmc_gpt2_offline_says_where_the_ranks_go(llmc, tmp_path, monkeypatch, capsys):
+    """--tokenizer=gpt2 with no network and an empty tiktoken cache: the error names the ranks
+    file's URL, where to put it and the flag to pass; no network is touched."""
+    def offline(url):
+        raise requests.exceptions.ConnectionError(f"Max retries exceeded with url: {url}")
+    monkeypatch.setattr(tiktoken.load, "read_file", offline)
+    monkeypatch.delitem(tiktoken.registry.ENCODINGS, "gpt2", raising=False)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty_cache"))
+    err = _main_error(capsys, _argv(llmc["dir"], tmp_path / "out", "--tokenizer=gpt2"))
+    local = os.path.join(llmc["dir"], "gpt2.tiktoken")
+    assert train.GPT2_RANKS_URL in err and f"put it at {local}" in err
+    assert f"--tokenizer={local}" in err and "TIKTOKEN_CACHE_DIR" in err
+
+
+# -----------------------------------------------------------------------------
 # sample.py: generation and chat
 
 # Tests for sample.py: decoding loop, sampling filters, streaming, chat REPL, loading, errors.
@@ -2540,6 +3532,93 @@ def test_sample_refuses_a_tokenizer_the_checkpoint_was_not_trained_with(sample_e
 
 
 # -----------------------------------------------------------------------------
+# sample.py --export: Hugging Face directories and GGUF files, run by transformers and llama.cpp
+
+import contextlib
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_export_hf_generates_what_sample_py_generates(_train_data, tmp_path, capsys, style):
+    # reference: sample.py --temperature=0 on the checkpoint, against transformers on the export
+    transformers = pytest.importorskip("transformers")
+    data_dir, tok = _train_data
+    out, hf = tmp_path / "out", tmp_path / "hf"
+    kw = {} if style == "gpt2" else dict(norm="rmsnorm", mlp="swiglu", pos="rope", n_kv_head=1)
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.train(_train_cfg(data_dir, out, block_size=64, max_steps=30, eval_interval=30, **kw))
+    sample.main([f"--out_dir={out}", f"--export={hf}"])
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json", "tokenizer.bpe"} <= set(os.listdir(hf))
+    prompt = "def main(self, "
+    capsys.readouterr()
+    sample.main([f"--out_dir={out}", f"--prompt={prompt}", "--temperature=0", "--max_new_tokens=24",
+                 "--device=cpu"])
+    ours = capsys.readouterr().out
+    at = transformers.AutoTokenizer.from_pretrained(str(hf))
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(hf)).eval()
+    ids = at(prompt, return_tensors="pt").input_ids
+    assert ids[0].tolist() == tok.encode(prompt)
+    new = m.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=24)
+    assert at.decode(new[0], skip_special_tokens=True) + "\n" == ours
+    model, _, limit = sample.load_for_sampling(str(out))
+    ref = model.generate(ids, new.size(1) - ids.size(1), temperature=0.0, vocab_limit=limit)
+    assert ref[0].tolist() == new[0].tolist()
+    # an imported Hugging Face model exports again to the same weights
+    sample.main([f"--hf={hf}", f"--export={tmp_path / 'again'}"])
+    from safetensors.torch import load_file
+    a, b = load_file(str(hf / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_export_gguf_runs_in_llama_cpp_like_sample_py(_train_data, tmp_path, capsys, style):
+    # reference: sample.py --temperature=0 on the checkpoint; llama.cpp (llama-cpp-python) on the
+    # file, where it is installed (it builds from source: .ci/run does not install it)
+    pytest.importorskip("gguf")
+    llama_cpp = pytest.importorskip("llama_cpp")
+    data_dir, tok = _train_data
+    out, path = tmp_path / "out", tmp_path / "m.gguf"
+    kw = {} if style == "gpt2" else dict(norm="rmsnorm", mlp="swiglu", pos="rope", n_kv_head=1)
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.train(_train_cfg(data_dir, out, block_size=64, max_steps=30, eval_interval=30, **kw))
+    sample.main([f"--out_dir={out}", f"--export={path}", "--format=gguf"])
+    prompt = "def main(self, "
+    capsys.readouterr()
+    sample.main([f"--out_dir={out}", f"--prompt={prompt}", "--temperature=0", "--max_new_tokens=24",
+                 "--device=cpu"])
+    ours = capsys.readouterr().out
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False, n_threads=1, seed=0)
+    text = "x = [1, 2]  # caf\u00e9 \u4f60\u597d \U0001F600\n\tdef f():\n        return 42"
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text)
+    got = llm(prompt, max_tokens=24, temperature=0.0, top_k=1)["choices"][0]["text"]
+    assert prompt + got + "\n" == ours
+
+
+def test_export_of_an_imported_model_whose_tokenizer_lacks_rows(_train_data, tmp_path, capsys):
+    # a Hugging Face dir with GPT-2's shape of problem: the tokenizer adds chat tokens after the
+    # model's last row; the export grows the rows so every token it names has one
+    transformers = pytest.importorskip("transformers")
+    _, tok = _train_data
+    tok.save(str(tmp_path / "full.bpe"))
+    lines = (tmp_path / "full.bpe").read_text(encoding="utf-8").split("\n")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "tokenizer.bpe").write_text("\n".join(l for l in lines if not l.startswith("special ")
+                                                  or "endoftext" in l), encoding="utf-8")
+    plain = Tokenizer.load(str(src / "tokenizer.bpe"))
+    torch.manual_seed(0)
+    GPT(GPTConfig(vocab_size=plain.eot_id + 1, block_size=64, n_layer=1, n_head=2, n_embd=32)).save_hf(str(src))
+    sample.main([f"--hf={src}", f"--export={tmp_path / 'hf'}"])
+    assert "exporting 320 rows, the new ones at the mean embedding" in capsys.readouterr().err
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    assert m.config.vocab_size == 320 and m.get_input_embeddings().weight.shape[0] == 320
+    chat = [{"role": "user", "content": "sort [2, 1]"}, {"role": "assistant", "content": "[1, 2]"}]
+    at = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    got = at.apply_chat_template(chat, tokenize=True)
+    got = got["input_ids"] if not isinstance(got, list) else got
+    assert got == plain.encode_chat(chat)[0]
+
+
+# -----------------------------------------------------------------------------
 # finetune.py: supervised fine-tuning with the chat template, prompt masking and LoRA
 
 import contextlib
@@ -2840,13 +3919,13 @@ def test_finetune_pack_trains_like_padding(_ft_pretrained, tmp_path):
 
 
 @pytest.mark.parametrize("style", sorted(_FT_STYLES))
-def test_finetune_grow_vocab_keeps_old_rows_and_means_new_ones(style):
+def test_model_grow_vocab_keeps_old_rows_and_means_new_ones(style):
     torch.manual_seed(0)
     m = GPT(GPTConfig(vocab_size=70, block_size=16, n_layer=1, n_head=2, n_embd=32, **_FT_STYLES[style]))
     wte, head = m.transformer.wte.weight.detach().clone(), m.lm_head.weight.detach().clone()
     idx = torch.randint(0, 60, (2, 16))
     ref = m(idx, idx)[0]
-    assert finetune.grow_vocab(m, 75, [65]) == 70  # ids 70..74 are new, 65 existed but was never trained
+    assert m.grow_vocab(75, [65]) == 70  # ids 70..74 are new, 65 existed but was never trained
     assert m.config.vocab_size == 128 and m.transformer.wte.weight.shape == m.lm_head.weight.shape == (128, 32)
     assert (m.lm_head.weight is m.transformer.wte.weight) == (style == "gpt2")  # tied stays tied
     for new, old in ((m.transformer.wte.weight, wte), (m.lm_head.weight, head)):
