@@ -1177,7 +1177,24 @@ def evaluate_and_save(run: train.Run, val: ChatBatches, scored: list,
             train.copy_durably(run.ckpt_path, run.best_path)
         train.write_loss_svg(os.path.join(cfg.out_dir, "loss.svg"), run.history["train"],
                              run.history["val"])
+        write_score_svgs(cfg, run.history, row)
     return value
+
+
+def write_score_svgs(cfg: FinetuneConfig, history: dict, row: dict) -> None:
+    """score.svg: the held-out score (exact match, or accuracy) in % against the step; for dpo
+    also reward_margin.svg. The points live in history (saved in the checkpoint), so a resumed
+    run draws the whole curve."""
+    points = history.setdefault("score", [])  # [step, score, reward margin or None]
+    points.append([row["step"], 100 * history["val"][-1][2], row.get("reward_margin")])
+    name = "accuracy" if cfg.task == "classify" else "exact match"
+    train.write_curves_svg(os.path.join(cfg.out_dir, "score.svg"),
+                           [(name, "#2ca02c", [(s, v) for s, v, _ in points])],
+                           "step", f"held-out {name} (%)")
+    if cfg.task == "dpo":
+        train.write_curves_svg(os.path.join(cfg.out_dir, "reward_margin.svg"),
+                               [("reward margin", "#9467bd", [(s, m) for s, _, m in points])],
+                               "step", "held-out reward margin (beta * log-ratio gap)")
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
@@ -1198,6 +1215,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         if cfg.task == "dpo":
             ranked = heldout_preferences(run, val)[3]
             run.log(f"chosen ranked first before preference tuning: {100 * ranked:.1f}%")
+        # the curves' first point (score.svg); DPO's margin is 0 there: policy == reference
+        run.history["score"] = [[0, 100 * before, 0.0 if cfg.task == "dpo" else None]]
     last_step = min(cfg.max_steps, cfg.stop_step or cfg.max_steps)
     reason = "reached max_steps" if last_step == cfg.max_steps else f"reached stop_step={last_step}"
     stop = {"signal": None}

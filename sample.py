@@ -14,8 +14,8 @@ Run it:
     python sample.py --out_dir=out --prompt="def main(" --max_new_tokens=100 --temperature=0
     python sample.py --prompt=FILE:prompt.txt --num_samples=4 --top_p=0.9 --seed=7
     python sample.py --prompt=FILE:prompts.txt --prompt_lines    # one prompt per line, one batch
-    python sample.py --out_dir=out_sft --chat                # interactive; /reset, /exit
-    printf 'hello\\n/exit\\n' | python sample.py --out_dir=out_sft --chat --temperature=0
+    python sample.py --out_dir=out-sft --chat                # interactive; /reset, /exit
+    printf 'hello\\n/exit\\n' | python sample.py --out_dir=out-sft --chat --temperature=0
     python sample.py --hf=path/to/gpt2 --prompt="Hello"      # a local HF dir (config + weights)
     python sample.py --use_cache=False --temperature=0       # the slow reference: no KV cache
     python sample.py --export=export/hf                      # a Hugging Face dir (transformers)

@@ -5064,3 +5064,104 @@ def test_bad_input_troubleshooting_table(_bad_base, _bad_tmp):
         assert fix, name
         err = _bad_run(case, _bad_base, _bad_tmp)[2]
         assert first in err, f"{name}: README quotes a message the run did not print"
+
+
+# -----------------------------------------------------------------------------
+# README.md, the guide: its tables point at real code, its links at real sections
+
+import ast
+
+
+def _readme_rows(title: str) -> list:
+    """The cells of the table rows under README's '## title' (header and rule rows left out)."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    section = readme.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not set(cells[0]) <= set("-: "):
+                rows.append(cells)
+    return rows[1:]  # the header row first
+
+
+def _function_source(path: str, qualname: str) -> str:
+    """The source of function `qualname` ("name" or "Class.method") in path."""
+    source = open(os.path.join(ROOT, path), encoding="utf-8").read()
+    scopes = [ast.parse(source)]
+    for part in qualname.split("."):
+        node = next((n for s in scopes for n in ast.iter_child_nodes(s)
+                     if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == part), None)
+        assert node is not None, f"{path} has no {qualname}"
+        scopes = [node]
+    return ast.get_source_segment(source, scopes[0])
+
+
+def test_readme_ideas_point_at_real_lines():
+    rows = _readme_rows("The ideas and where they live")
+    assert len(rows) >= 12
+    for idea, where, line in rows:
+        path, function = (c.strip().strip("`") for c in where.split(","))
+        assert line.strip("`") in _function_source(path, function), (idea, path, function)
+
+
+def test_readme_stability_checklist_matches_train_py():
+    rows = _readme_rows("The stability checklist")
+    assert len(rows) >= 9
+    source = open(os.path.join(ROOT, "train.py"), encoding="utf-8").read()
+    for symptom, _, _, guards, printed in rows:
+        for guard in re.findall(r"`(\w+)`", guards):
+            _function_source("train.py", guard)  # the guard is a function of train.py
+        for text in re.findall(r"`([^`]+)`", printed):
+            assert text in source, (symptom, text)  # and what it prints is in its source
+
+
+def test_readme_links_reach_its_sections():
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    # GitHub's anchors: the heading lower-cased, punctuation but - and _ dropped, spaces -> -
+    slug = lambda h: re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+    anchors = {slug(h) for h in re.findall(r"^#+ (.+)$", readme, flags=re.M)}
+    links = re.findall(r"\]\(#([^)]+)\)", readme)
+    assert links and not [a for a in links if a not in anchors]
+
+
+def _readme_runnable_blocks() -> list:
+    """[(overrides, [command, ...])] of README's blocks marked <!-- runnable --> (run as they are)
+    or <!-- runnable: train.py --max_steps=30 ... --> (those options appended to that script's
+    commands: fewer steps). pip installs are already done here, and the test suite's own command
+    would run this test again, so both are left out."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    blocks = []
+    for mark, body in re.findall(r"<!-- runnable(?:: (.*?))? -->\n```\w*\n(.*?)```", readme, flags=re.S):
+        overrides, script = {}, None
+        for word in mark.split():
+            if word.endswith(".py"):
+                script = word
+                overrides[script] = []
+            else:
+                overrides[script].append(word)
+        commands = []
+        for line in body.splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            for part in (p.strip() for p in line.split("&&")):
+                if part and not part.startswith("pip install") and "pytest" not in part:
+                    words = part.split()
+                    extra = overrides.get(words[1], []) if words[0] == "python" and len(words) > 1 else []
+                    commands.append(" ".join([part, *extra]))
+        blocks.append((mark, commands))
+    return blocks
+
+
+def test_readme_runnable_commands(tmp_path):
+    blocks = _readme_runnable_blocks()
+    assert len(blocks) >= 3 and all(commands for _, commands in blocks)
+    # a fresh copy of the repo: the files a clone has, nothing this checkout has made since
+    for name in os.listdir(ROOT):
+        if name.endswith(".py") or name in ("README.md", "requirements.txt"):
+            shutil.copy(os.path.join(ROOT, name), tmp_path / name)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for _, commands in blocks:
+        for command in commands:  # in README order: each block may use what the earlier made
+            r = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, input="/exit\n",
+                               capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0 and "Traceback" not in r.stderr, (command, r.stderr[-2000:])

@@ -955,7 +955,8 @@ def load_checkpoint(path: str, device="cpu") -> tuple[GPT, dict]:
 
 # What one run writes into its out_dir. A fresh run removes them first, so nothing of an earlier
 # run (a better best.pt, a longer log.jsonl) ends up beside the new run's tokenizer.
-RUN_FILES = ("ckpt.pt", "best.pt", "log.jsonl", "loss.svg", "config.json", "tokenizer.bpe")
+RUN_FILES = ("ckpt.pt", "best.pt", "log.jsonl", "loss.svg", "config.json", "tokenizer.bpe",
+             "score.svg", "reward_margin.svg")  # the last two: finetune.py's
 
 
 def clear_previous_run(out_dir: str, log=print) -> None:
@@ -1026,7 +1027,15 @@ def append_log(out_dir: str, row: dict) -> None:
 
 def write_loss_svg(path: str, train_pts: list, val_pts: list) -> None:
     """Train and validation loss against tokens as a small standalone SVG (no plotting library)."""
-    pts = train_pts + val_pts
+    write_curves_svg(path, [("train", "#1f77b4", train_pts), ("val", "#d62728", val_pts)],
+                     "tokens", "loss (nats/token)")
+
+
+def write_curves_svg(path: str, series: list, xlabel: str, ylabel: str) -> None:
+    """[(name, color, [(x, y, ...), ...]), ...] as lines on one pair of axes, a standalone SVG.
+    Example: write_curves_svg("m.svg", [("margin", "#2ca02c", [(50, 0.1), (100, 0.3)])],
+    "step", "reward margin")."""
+    pts = [p for _, _, s in series for p in s]
     if len(pts) < 2:
         return
     width, height = 640, 400  # the canvas, then the margins around the plot, in pixels
@@ -1053,18 +1062,18 @@ def write_loss_svg(path: str, train_pts: list, val_pts: list) -> None:
         out.append(f'<line x1="{left}" x2="{width - right}" y1="{py(yv):.1f}" y2="{py(yv):.1f}" '
                    f'stroke="#eee"/>')
     out.append(f'<text x="{(width + left) / 2}" y="{height - 8}" '
-               f'text-anchor="middle">tokens</text>')
+               f'text-anchor="middle">{xlabel}</text>')
     out.append(f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" '
-               f'text-anchor="middle">loss (nats/token)</text>')
-    curves = ((train_pts, "#1f77b4", "train", 35), (val_pts, "#d62728", "val", 52))
-    for series, color, name, label_y in curves:
+               f'text-anchor="middle">{ylabel}</text>')
+    for k, (name, color, points) in enumerate(series):
         # a skipped NaN step leaves a gap, not a spike
-        good = [p for p in series if math.isfinite(p[1])]
+        good = [p for p in points if math.isfinite(p[1])]
         if good:
             line = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y, *_ in good)
             out.append(f'<polyline points="{line}" fill="none" stroke="{color}" '
                        f'stroke-width="1.5"/>')
-            out.append(f'<text x="{width - right - 60}" y="{label_y}" fill="{color}">{name}</text>')
+            out.append(f'<text x="{width - right - 90}" y="{35 + 17 * k}" '
+                       f'fill="{color}">{name}</text>')
     out.append("</svg>")
     write_text(path, "\n".join(out))
 
