@@ -11,6 +11,7 @@ Run it:
     python bench.py --infer --preset=gpt2 --context=512 --compile   # the same on a GPU, compiled
     python bench.py --budget --preset=gpt2 --tokens=10e9 --gpus=H100,A100 --price=2.5
     python bench.py --budget --params=7e9        # Chinchilla-optimal tokens (20 per parameter)
+    python bench.py --budget --memory_gpus=8 --batch_size=8   # + memory per GPU: DDP vs FSDP
     python bench.py --eval=bpb --ckpt=out/best.pt --data=data/pystdlib   # or --data=some.txt
     python bench.py --eval=mc --ckpt=out/best.pt --data=evals/mc_tiny.jsonl   # HellaSwag's too
     python bench.py --json ...                   # one machine-readable line instead of the report
@@ -90,6 +91,7 @@ class BenchConfig:
     mfu: float = 0.4  # assumed model FLOPs utilization; 0 = measure it with a speed run on this GPU
     gpus: str = "H100,A100,L4"  # GPU names looked up in model.PEAK_BF16_FLOPS, comma-separated
     price: float = 2.5  # dollars per GPU-hour
+    memory_gpus: int = 8  # GPUs of the memory-per-GPU table (ddp, fsdp, fsdp + checkpointing)
     # quality
     ckpt: str = "out/best.pt"  # a train.py checkpoint (its tokenizer.bpe sits next to it)
     data: str = ""  # bpb: a prepared dataset dir (meta.json) or a text file; mc: a JSONL file
@@ -634,6 +636,106 @@ def format_budget(b: dict, label: str) -> str:
     for r in b["gpus"]:
         lines.append(f"{r['gpu']:<12} {r['peak_flops'] / 1e12:>12,.0f} "
                      f"{r['gpu_hours']:>11,.1f} {r['cost']:>10,.0f}")
+    if b.get("memory"):
+        lines += ["", format_memory(b["memory"], b["memory_gpus"], b["memory_batch"])]
+    return "\n".join(lines)
+
+
+# Memory per GPU: what one training step holds at its peak (the end of the forward pass, when
+# every activation is saved and the backward has not freed any), for train.py's GPU recipe:
+# bf16 mixed precision and AdamW, G GPUs, one micro-batch of b rows of s tokens, dropout on.
+# The models: GPT-2 small and medium (model.py's presets), and GPT-3's 1.3B and 6.7B shapes
+# (Brown et al. 2020, table 2.1, n_head chosen for 128-wide heads) in the same architecture,
+# so Korthikanti's formula below, derived for exactly this block, applies to every row.
+MEMORY_MODELS = {"124M": PRESETS["gpt2"], "350M": PRESETS["gpt2-medium"],
+                 "1.3B": dict(PRESETS["gpt2"], n_layer=24, n_head=16, n_embd=2048),
+                 "7B": dict(PRESETS["gpt2"], n_layer=32, n_head=32, n_embd=4096)}
+MEMORY_MODES = ("ddp", "fsdp", "fsdp+ac")  # ac: activation checkpointing (--grad_checkpoint)
+
+
+def activation_bytes(s: int, b: int, h: int, a: int, value_bytes: int = 2,
+                     mask_bytes: int = 1) -> int:
+    """Bytes one transformer block keeps for its backward, no recomputation (Korthikanti et al.
+    2022, "Reducing Activation Recomputation in Large Transformer Models", section 4.1): with
+    16-bit values and 1-byte dropout masks, s*b*h*(34 + 5*a*s/h). Counted as values: attention
+    keeps its input, Q, K, V, the softmax output and the dropout output (a*s*s*b each), the
+    output projection's input (5sbh + 2as^2b); the MLP its input and the 4h-wide GELU input and
+    output (9sbh); the two LayerNorms their inputs (2sbh): 16sbh + 2as^2b values. Dropout
+    masks: after attention's softmax (as^2b), after each residual branch (2sbh).
+    value_bytes / mask_bytes generalize it: a CPU run in fp32 keeps 4-byte values and 4-byte
+    masks (CPU dropout stores its mask in the input's dtype; CUDA's is bool), 72sbh + 12as^2b,
+    which a test checks against the tensors autograd saves. With FlashAttention (SDPA on GPUs,
+    dropout 0 or not) the (s, s) terms are never stored, so the table is an upper bound there.
+    Example: s=1024, b=8, h=768, a=12 -> 6,291,456 * 114 = 717,225,984 bytes (0.67 GiB) a layer."""
+    values = 16 * s * b * h + 2 * a * s * s * b
+    masks = 2 * s * b * h + a * s * s * b
+    return value_bytes * values + mask_bytes * masks
+
+
+def memory_per_gpu(model_config: GPTConfig, mode: str, gpus: int, b: int) -> dict:
+    """GiB per GPU of weights, gradients, optimizer state and activations, and their total.
+    N parameters (tied embeddings once), P_block of them in one block, P_root in the rest
+    (embeddings, ln_f, an untied head). DDP (autocast): fp32 weights 4N, their bf16 copies
+    that autocast casts for the matmuls and keeps for the backward 2N; fp32 gradients 4N plus
+    DDP's bucket copy of them 4N (gradient_as_bucket_view=False, torch's default); AdamW's m and
+    v 8N; the fp32 weights are the master copy. FSDP2 (bf16 MixedPrecisionPolicy): each of the
+    G ranks keeps 4N/G fp32 master weights, 4N/G fp32 gradients, 8N/G of m and v; gathered in
+    bf16 are the root unit (kept through the forward and backward) and two blocks (the one
+    computing and the one prefetched), 2*(P_root + 2*P_block); the unsharded bf16 gradients of
+    the root and of one block wait for their reduce-scatter, 2*(P_root + P_block).
+    Activations: n_layer * activation_bytes(s, b, h, a), plus the fp32 log-probabilities the
+    loss keeps, 4*s*b*V. With checkpointing (fsdp+ac) each block keeps only its bf16 input,
+    2sbh, and one block at a time holds its full activation_bytes while it is recomputed."""
+    with torch.device("meta"):
+        model = GPT(model_config)  # shapes only: counting gpt-3-sized models costs nothing
+    n = model.num_params(non_embedding=False)
+    p_block = sum(p.numel() for p in model.transformer.h[0].parameters())
+    p_root = n - model_config.n_layer * p_block
+    c = model_config
+    s, h, L = c.block_size, c.n_embd, c.n_layer
+    per_layer = activation_bytes(s, b, h, c.n_head)
+    logits = 4 * s * b * c.vocab_size
+    if mode == "ddp":
+        weights, grads, optimizer = 6 * n, 8 * n, 8 * n
+        activations = L * per_layer + logits
+    elif mode in ("fsdp", "fsdp+ac"):
+        weights = 4 * n / gpus + 2 * (p_root + 2 * p_block)
+        grads = 4 * n / gpus + 2 * (p_root + p_block)
+        optimizer = 8 * n / gpus
+        if mode == "fsdp":
+            activations = L * per_layer + logits
+        else:
+            activations = L * 2 * s * b * h + per_layer + logits
+    else:
+        raise ValueError(f"memory mode {mode!r} is not one of {', '.join(MEMORY_MODES)}")
+    gib = 2**30
+    out = {"params": weights / gib, "grads": grads / gib, "optimizer": optimizer / gib,
+           "activations": activations / gib}
+    return {**out, "total": sum(out.values()), "n_params": n}
+
+
+def memory_table(gpus: int = 8, batch_size: int = 8, block_size: int = 0) -> list[dict]:
+    """memory_per_gpu for every MEMORY_MODELS row and MEMORY_MODES column, micro-batches of
+    batch_size rows of block_size tokens (0 = each model's own, 1024)."""
+    rows = []
+    for label, kw in MEMORY_MODELS.items():
+        config = GPTConfig(**{**kw, **({"block_size": block_size} if block_size else {})})
+        for mode in MEMORY_MODES:
+            rows.append({"model": label, "mode": mode, "block_size": config.block_size,
+                         **memory_per_gpu(config, mode, gpus, batch_size)})
+    return rows
+
+
+def format_memory(rows: list, gpus: int, batch_size: int) -> str:
+    s = rows[0]["block_size"]
+    lines = [f"memory per GPU, GiB: {gpus} GPUs, bf16 mixed precision, AdamW, micro-batch "
+             f"{batch_size} x {s} tokens, dropout on (activations: Korthikanti et al. 2022, "
+             f"s*b*h*(34 + 5*a*s/h) bytes a layer, plus 4*s*b*V for the loss)",
+             f"{'model':<6} {'mode':<8} {'params':>8} {'grads':>8} {'AdamW':>8} "
+             f"{'activ.':>8} {'total':>8}"]
+    for r in rows:
+        lines.append(f"{r['model']:<6} {r['mode']:<8} {r['params']:>8.2f} {r['grads']:>8.2f} "
+                     f"{r['optimizer']:>8.2f} {r['activations']:>8.2f} {r['total']:>8.2f}")
     return "\n".join(lines)
 
 
@@ -659,6 +761,11 @@ def bench_budget(cfg: BenchConfig, device: torch.device, dtype: torch.dtype, amp
     gpus = [g.strip() for g in cfg.gpus.split(",") if g.strip()]
     result.update(mode="budget", label=label,
                   **training_budget(n, cfg.tokens, attention, mfu, gpus, cfg.price))
+    if cfg.memory_gpus < 1:
+        raise ValueError(f"--memory_gpus={cfg.memory_gpus} must be at least 1")
+    batch = cfg.batch_size or 8  # the GPU default micro-batch of bench and train.py's gpt2 runs
+    result.update(memory=memory_table(cfg.memory_gpus, batch, cfg.block_size),
+                  memory_gpus=cfg.memory_gpus, memory_batch=batch)
     return result
 
 

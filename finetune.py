@@ -1044,6 +1044,7 @@ def setup_finetune(cfg: FinetuneConfig) -> tuple[train.Run, ChatBatches, list]:
         objective = ClassifierObjective(model, len(sets[2]))
     else:
         objective = ReplyLoss(model)
+    train.seed_this_rank(cfg.seed, rank)  # the same weights everywhere, dropout masks per rank
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"trainable parameters: {trainable:,} of {sum(p.numel() for p in model.parameters()):,}")
     micro_bs, accum, step_rows, total_tokens = train.batch_geometry(tcfg, block_size, world)
@@ -1161,10 +1162,11 @@ def evaluate_and_save(run: train.Run, val: ChatBatches, scored: list,
         run.best_val, run.best_step = loss, run.step
     run.log(f"eval step {run.step}: held-out loss {loss:.4f}{extra}, {what}"
             + (" (best)" if improved else ""))
+    rng = train.gather_rng_states(run.world)  # a collective: every rank, before rank 0 saves
     if run.master:
         train.append_log(cfg.out_dir, {**row, "val_loss": loss, name: value,
                                        "time": time.time() - run.t_start})
-        ck = train.checkpoint_dict(run)
+        ck = train.checkpoint_dict(run, rng)
         ck["model"] = plain_weights(run.raw)
         if cfg.lora_rank or cfg.task == "classify":
             ck["resume_weights"] = run.raw.state_dict()  # adapters and head apart, to go on exactly

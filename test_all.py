@@ -2907,6 +2907,447 @@ def test_train_checkpoint_is_fsynced_around_the_rename(_train_data, tmp_path, mo
 
 
 # -----------------------------------------------------------------------------
+# train.py under torchrun: DDP made exact (seeds, RNG per rank), timeouts, FSDP2, pipeline
+
+import socket
+
+# a tiny model with dropout on: 4 steps of 2 rows x 2 processes (no accumulation)
+DDP_ARGS = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
+            "--batch_size=2", "--total_batch_size=128", "--max_steps=4", "--warmup_steps=1",
+            "--eval_interval=2", "--learning_rate=3e-3", "--eval_batches=2", "--sample_tokens=0",
+            "--dropout=0.1", "--log_interval=1"]
+
+
+def _losses(out_dir):
+    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl")))]
+
+
+def _same_weights(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+
+
+@pytest.fixture(scope="module")
+def _ddp_runs(_train_data, tmp_path_factory):
+    """A straight 2-process run of 4 steps, and one stopped at step 2 (--stop_step), its out_dir
+    kept as made: (data_dir, straight out_dir, stopped out_dir)."""
+    data_dir, _ = _train_data
+    root = tmp_path_factory.mktemp("ddp")
+    args = [f"--dataset={data_dir}", *DDP_ARGS]
+    _torchrun("train.py", root / "straight", args)
+    _torchrun("train.py", root / "stopped", args + ["--stop_step=2"])
+    return data_dir, root / "straight", root / "stopped"
+
+
+def test_ddp_resume_with_dropout_is_exact(_ddp_runs, tmp_path):
+    # reference: the straight run; the stopped one resumed must end on the same weights, bit for bit
+    data_dir, straight, stopped = _ddp_runs
+    ck = torch.load(stopped / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 2 and len(ck["rng"]) == 2  # every rank's RNG state, in rank order
+    resumed = tmp_path / "resumed"
+    shutil.copytree(stopped, resumed)
+    r = _torchrun("train.py", resumed, [f"--dataset={data_dir}", *DDP_ARGS, "--resume"])
+    assert "resumed" in r.stdout and "RNG states of" not in r.stdout
+    assert _same_weights(_train_weights(straight), _train_weights(resumed))
+    assert _losses(straight) == _losses(resumed)  # the training and validation losses too
+
+
+def test_ddp_resume_reads_a_checkpoint_with_one_rng_state(_ddp_runs, tmp_path):
+    # an older checkpoint held only rank 0's state (a dict): it still resumes, rank 1 draws afresh
+    # from seed + 1, and so the run no longer matches the straight one, which shows that the exact
+    # test above depends on rank 1 getting its own state back
+    data_dir, straight, stopped = _ddp_runs
+    old = tmp_path / "old"
+    shutil.copytree(stopped, old)
+    ck = torch.load(old / "ckpt.pt", weights_only=True)
+    ck["rng"] = ck["rng"][0]
+    torch.save(ck, old / "ckpt.pt")
+    r = _torchrun("train.py", old, [f"--dataset={data_dir}", *DDP_ARGS, "--resume"])
+    assert "holds the RNG states of 1 process(es) and this run has 2" in r.stdout
+    assert not _same_weights(_train_weights(straight), _train_weights(old))
+
+
+def test_ddp_ranks_draw_their_own_dropout_masks(_ddp_runs, tmp_path):
+    # reference: one process at half the global batch draws the same masks, in the same order, as
+    # rank 0 of two (2 rows a step each), so their RNG states agree after 4 steps; rank 1's differs
+    data_dir, straight, _ = _ddp_runs
+    ranks = torch.load(straight / "ckpt.pt", weights_only=True)["rng"]
+    train.train(_train_cfg(data_dir, tmp_path / "one", batch_size=2, total_batch_size=64, max_steps=4,
+                           warmup_steps=1, eval_interval=2, dropout=0.1))
+    one = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["rng"]
+    assert len(one) == 1 and torch.equal(one[0]["torch"], ranks[0]["torch"])
+    assert not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
+
+
+# -----------------------------------------------------------------------------
+# A lost process, bad input: every rank stops with a message, none waits forever
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_ranks(args, env_extra=None, then_wait=10, timeout=60):
+    """train.py as ranks 0 and 1 with torchrun's environment but no torchrun, each with its own
+    exit code: [(returncode, stdout, stderr, seconds it ran)] in rank order. Waits for rank 0,
+    then at most then_wait seconds for rank 1, which is killed if still running (a rank the
+    test made hang)."""
+    port = _free_port()
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, **(env_extra or {}), "OMP_NUM_THREADS": "1", "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append((subprocess.Popen([sys.executable, "train.py", *args], cwd=_TRAIN_ROOT, env=env,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+                      time.time()))
+    results = []
+    for rank, (p, t0) in enumerate(procs):
+        try:
+            out, err = p.communicate(timeout=timeout if rank == 0 else then_wait)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+        results.append((p.returncode, out, err, time.time() - t0))
+    return results
+
+
+def test_ddp_dead_rank_stops_the_survivor(_train_data, tmp_path):
+    # rank 1 exits hard after step 1 (TRAIN_TEST_EXIT); rank 0, in its next collective, must stop
+    # with a sentence that says what happened, not wait for --dist_timeout_s or forever
+    data_dir, _ = _train_data
+    args = [f"--dataset={data_dir}", f"--out_dir={tmp_path / 'dead'}", *DDP_ARGS, "--dist_timeout_s=20"]
+    (rc0, out0, err0, t0), (rc1, _, _, _) = _two_ranks(args, {"TRAIN_TEST_EXIT": "1:1"})
+    assert rc1 == 3 and "step 1/4" in out0, err0[-2000:]
+    assert rc0 == 1 and "another process died" in err0 and "rank 0 of 2" in err0, err0[-2000:]
+    assert "Traceback" not in err0 and t0 < 20  # gloo sees the closed connection at once
+
+
+def test_ddp_hung_rank_times_out(_train_data, tmp_path):
+    # rank 1 stops answering after step 1 (TRAIN_TEST_HANG) but keeps its connections open, so
+    # only the timeout can notice: rank 0 must stop within --dist_timeout_s=3 of its last step
+    data_dir, _ = _train_data
+    args = [f"--dataset={data_dir}", f"--out_dir={tmp_path / 'hung'}", *DDP_ARGS, "--dist_timeout_s=3"]
+    (rc0, out0, err0, t0), (rc1, _, _, _) = _two_ranks(args, {"TRAIN_TEST_HANG": "1:1"}, then_wait=0)
+    assert rc0 == 1 and "Timed out waiting 3000ms" in err0 and "--dist_timeout_s=3" in err0, err0[-2000:]
+    assert "step 1/4" in out0 and "Traceback" not in err0
+    assert rc1 != 0  # still hanging when the test killed it
+    assert t0 < 25  # startup (~5 s on 2 busy cores), one step, then 3 s of waiting
+
+
+def test_ddp_bad_batch_fails_on_every_rank(_train_data, tmp_path):
+    # a global batch the processes cannot share: batch_geometry's sentence from each rank itself,
+    # before any collective, so even with the default 600 s timeout neither waits on the other
+    data_dir, _ = _train_data
+    args = [f"--dataset={data_dir}", f"--out_dir={tmp_path / 'bad'}", *DDP_ARGS, "--total_batch_size=96"]
+    t = time.time()
+    for rc, _, err, _ in _two_ranks(args):
+        assert rc == 1 and len(err.strip().splitlines()) == 1, err[-2000:]
+        assert "--total_batch_size=96 is not a multiple of batch_size*block_size*world_size" in err
+    assert time.time() - t < 30
+
+
+def test_ddp_timeout_must_be_positive(monkeypatch):
+    # checked before the process group is joined (resolve_config runs only after it)
+    for k, v in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0").items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match="dist_timeout_s=0 must be positive"):
+        train.start_processes(train.TrainConfig(device="cpu", dist_timeout_s=0))
+
+
+# -----------------------------------------------------------------------------
+# torch.compile(DDP(model)): opt-in, ~1.5 minutes of compiling on 2 CPU cores with a cold cache
+
+
+@pytest.mark.skipif(not os.environ.get("DDP_COMPILE_TEST"), reason="slow on CPUs: set DDP_COMPILE_TEST=1")
+def test_ddp_compiled_matches_eager(_train_data, tmp_path):
+    # reference: the same 2-process run uncompiled; 2 micro-steps a step, so no_sync is reached
+    # through the compiled wrapper too
+    data_dir, _ = _train_data
+    args = [f"--dataset={data_dir}", *DDP_ARGS, "--n_layer=1", "--total_batch_size=256", "--max_steps=3",
+            "--eval_interval=3", "--eval_batches=1", "--dropout=0.0"]
+    r = _torchrun("train.py", tmp_path / "compiled", args + ["--compile=true"])
+    assert "compiling the model" in r.stdout and "2 processes x 2 accumulation" in r.stdout
+    _torchrun("train.py", tmp_path / "eager", args + ["--compile=false"])
+    for (s1, l1, v1), (s2, l2, v2) in zip(_losses(tmp_path / "compiled"), _losses(tmp_path / "eager")):
+        assert s1 == s2 and (l1 is None) == (l2 is None)
+        assert (l1 or v1) == pytest.approx(l2 or v2, rel=1e-5)
+    wa, wb = _train_weights(tmp_path / "compiled"), _train_weights(tmp_path / "eager")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+# the tiny model of test_all's _train_cfg, as torchrun arguments; 8 rows of 32 tokens a step:
+# micro-batches of 2 rows, so one process accumulates 4, fsdp's two ranks 2 each, and the
+# pipeline's two stages run 4 micro-batches (M = 4, S = 2)
+_STEP = dict(batch_size=2, total_batch_size=256, max_steps=4, warmup_steps=1, eval_interval=2,
+             log_interval=1, eval_batches=3)
+
+
+def _args(data_dir, **kw):
+    base = dict(dataset=data_dir, device="cpu", n_layer=2, n_head=2, n_embd=32, block_size=32,
+                learning_rate=3e-3, sample_tokens=8, dropout=0.0, **_STEP)
+    base.update(kw)
+    return [f"--{k}={v}" for k, v in base.items()]
+
+
+def _log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    steps = [(r["step"], r["loss"], r["norm"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    return steps, evals
+
+
+def _assert_runs_match(a, b, atol):
+    """Two out_dirs: the same steps, losses, gradient norms, validation losses and weights."""
+    (sa, ea), (sb, eb) = _log(a), _log(b)
+    assert [s[0] for s in sa] == [s[0] for s in sb] and [e[0] for e in ea] == [e[0] for e in eb]
+    for x, y in zip(sa + ea, sb + eb):
+        assert x[1:] == pytest.approx(y[1:], abs=atol, rel=0), (x, y)
+    wa, wb = _train_weights(a), _train_weights(b)
+    assert list(wa) == list(wb)  # the plain GPT's keys, in its order: no prefixes
+    for k in wa:
+        if atol == 0:
+            assert torch.equal(wa[k], wb[k]), k
+        else:
+            torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=0)
+
+
+def _one_process(data_dir, out):
+    s = train.train(_train_cfg(data_dir, out, sample_tokens=0, **_STEP))
+    assert s["grad_accum"] == 4
+    return s
+
+
+# Two runs in one torchrun launch (a launch costs ~6 s of imports on 2 cores): a straight one,
+# then one stopped at step 2, which a second launch resumes in fresh processes.
+_TWO_RUNS = """
+import sys
+sys.path.insert(0, {root!r})
+import torch.distributed as dist
+import train
+from tokenizer import parse_config
+out, args = sys.argv[1].split("=", 1)[1], sys.argv[2:]
+train.train(parse_config(train.TrainConfig, [f"--out_dir={{out}}/straight", *args]))
+train.train(parse_config(train.TrainConfig, [f"--out_dir={{out}}/resumed", "--stop_step=2", *args]))
+dist.destroy_process_group()
+"""
+
+
+def _check_scaled_out(data_dir, tmp_path, mode):
+    """mode under torchrun == one process; stopped at step 2 and resumed == straight, bit for
+    bit. Returns the two launches' outputs (straight and stopped, resumed)."""
+    script = tmp_path / "two_runs.py"
+    script.write_text(_TWO_RUNS.format(root=_TRAIN_ROOT))
+    runs = tmp_path / "runs"  # _torchrun empties it before its one retry
+    r = _torchrun(str(script), runs, _args(data_dir, parallel=mode))
+    straight, resumed = runs / "straight", runs / "resumed"
+    r2 = _torchrun("train.py", resumed, _args(data_dir, parallel=mode, resume=True))
+    assert "resumed" in r2.stdout
+    _assert_runs_match(straight, resumed, atol=0)
+    one = tmp_path / "one"
+    _one_process(data_dir, one)
+    _assert_runs_match(one, straight, atol=1e-5)
+    # sample.py's loader: a plain GPT from the gathered state, no process group
+    model, ck = train.load_checkpoint(str(straight / "ckpt.pt"))
+    assert ck["config"]["parallel"] == mode and isinstance(model, GPT)
+    assert "sample: " in r.stdout  # sampled from the weights gathered on rank 0
+    return r.stdout, r2.stdout
+
+
+def test_parallel_fsdp_matches_one_process_and_resumes(_train_data, tmp_path):
+    data_dir, _ = _train_data
+    out, _ = _check_scaled_out(data_dir, tmp_path, "fsdp")
+    # rank 0's shards: the first half (rounded up) of every tensor's rows
+    model = GPT(GPTConfig(**torch.load(tmp_path / "runs" / "straight" / "ckpt.pt",
+                                       weights_only=True)["model_config"]))
+    mine = sum(-(-p.shape[0] // 2) * p[0].numel() for p in model.parameters())
+    assert (f"fsdp: 2 blocks and the root sharded over 2 ranks (FSDP2), rank 0 keeps {mine:,} of "
+            f"{model.num_params(False):,} parameters; fp32 throughout") in out
+    assert "2 rows x 32 tokens x 2 processes x 2 accumulation = 256" in out
+    # the optimizer state is named under fsdp and numbered under ddp: a plain run says so
+    with pytest.raises(ValueError, match="--parallel=fsdp, whose optimizer state is named"):
+        train.train(_train_cfg(data_dir, tmp_path / "runs" / "straight", resume=True, **_STEP))
+
+
+def test_parallel_pipeline_matches_one_process_and_resumes(_train_data, tmp_path):
+    data_dir, _ = _train_data
+    # the CPU model ties wte (stage 0) and lm_head (stage 1): their gradient halves are summed
+    out, _ = _check_scaled_out(data_dir, tmp_path, "pipeline")
+    assert "bubble (S-1)/(M+S-1) = 1/5 = 20%" in out and "tied wte/lm_head" in out
+    ck = torch.load(tmp_path / "runs" / "straight" / "ckpt.pt", weights_only=True)
+    stage0 = sum(v.numel() for k, v in ck["model"].items()
+                 if k.startswith(("transformer.wte", "transformer.h.0.")))  # embeddings, block 0
+    assert f"stage 0 keeps {stage0:,} of" in out
+    assert "2 rows x 32 tokens x 1 processes x 4 accumulation = 256" in out
+    # the stages' optimizer states merged as one optimizer's: every tensor once, by name
+    names = set(ck["optimizer"]["state"]) | set(ck["optimizer_muon"]["state"])
+    model_names = {n for n, _ in GPT(GPTConfig(**ck["model_config"])).named_parameters()}
+    assert names == model_names and "lm_head.weight" not in names  # tied: wte's state is the head's
+
+
+def test_parallel_fsdp_then_gpipe_uneven_stages_match_one_process(_train_data, tmp_path):
+    data_dir, _ = _train_data
+    # 3 layers: step 1 under fsdp, resumed for steps 2-3 as a GPipe pipeline (every forward,
+    # then every backward) of 2 + 1 blocks; fsdp and pipeline checkpoints share one layout
+    a, b = tmp_path / "fsdp-gpipe", tmp_path / "one"
+    kw = dict(n_layer=3, max_steps=3, eval_interval=1)
+    _torchrun("train.py", a, _args(data_dir, parallel="fsdp", stop_step=1, **kw))
+    r = _torchrun("train.py", a, _args(data_dir, parallel="pipeline", pipeline_schedule="gpipe",
+                                       resume=True, **kw))
+    assert "pipeline: 2 stages (blocks 0-1 | 2-2), stage 0 keeps" in r.stdout
+    assert "gpipe over 4 micro-batches of 2 rows" in r.stdout and "resumed" in r.stdout
+    train.train(_train_cfg(data_dir, b, sample_tokens=0, **{**_STEP, **kw}))
+    _assert_runs_match(b, a, atol=1e-5)
+
+
+def _torchrun_fails(out_dir, args):
+    """train.py under torchrun, expected to stop at once: (stdout + stderr) of the failed run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "train.py", f"--out_dir={out_dir}", *args]
+    # a hang would meet this timeout; the processes stop in seconds
+    r = subprocess.run(cmd, cwd=_TRAIN_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0, r.stdout[-1500:] + r.stderr[-1500:]
+    return r.stdout + r.stderr
+
+
+def test_parallel_bad_input_stops_every_rank(_train_data, tmp_path):
+    data_dir, _ = _train_data
+    out = _torchrun_fails(tmp_path / "bad", _args(data_dir, parallel="pipeline", n_layer=1))
+    # both ranks reach the same sentence (main prints it from each), before any collective
+    assert out.count("error: --parallel=pipeline needs a block per stage: 2 processes "
+                     "(stages) for n_layer=1") == 2, out[-3000:]
+    # the rest need no second process: check_parallel is a function of the config
+    with pytest.raises(ValueError, match="splits the model across torchrun processes"):
+        train.train(_train_cfg(data_dir, tmp_path / "one", parallel="fsdp"))
+    with pytest.raises(ValueError, match="--fsdp_offload moves the shards out of GPU memory"):
+        train.train(_train_cfg(data_dir, tmp_path / "one", parallel="fsdp", fsdp_offload=True))
+    with pytest.raises(ValueError, match="--parallel is not one of|--parallel=zero is not one"):
+        train.train(_train_cfg(data_dir, tmp_path / "one", parallel="zero"))
+    cfg = train.resolve_config(_train_cfg(data_dir, tmp_path, parallel="pipeline"),
+                               torch.device("cpu"))
+    mcfg = GPTConfig(vocab_size=320, block_size=32, n_layer=4, n_head=2, n_embd=32)
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="1f1b needs at least one micro-batch per stage"):
+        train.check_parallel(cfg, mcfg, 2, cpu, torch.float32, accum=1)
+    train.check_parallel(cfg, mcfg, 2, cpu, torch.float32, accum=2)  # M = S is enough
+    cfg.pipeline_schedule = "gpipe"
+    train.check_parallel(cfg, mcfg, 2, cpu, torch.float32, accum=1)  # GPipe: any M
+    with pytest.raises(ValueError, match="float16 needs a GradScaler that agrees"):
+        train.check_parallel(cfg, mcfg, 2, cpu, torch.float16, accum=4)
+
+
+def test_parallel_stage_bounds_and_stage_forward():
+    assert train.stage_bounds(5, 2) == [(0, 3), (3, 5)]  # the docstring's example
+    assert train.stage_bounds(12, 5) == [(0, 3), (3, 6), (6, 8), (8, 10), (10, 12)]
+    # the stages chained by hand == the whole model's logits, GPT-2 style (learned positions,
+    # LayerNorm, GELU) and Llama style (RoPE): the stage's forward is GPT.forward cut in pieces
+    for style in (dict(pos="learned", norm="layernorm", mlp="gelu"),
+                  dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False)):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=3, n_head=2, n_embd=16,
+                              **style)).eval()
+        idx = torch.randint(0, 64, (2, 16))
+        stages = [train.PipelineStageModule(model, lo, hi, s == 0, s == 1)
+                  for s, (lo, hi) in enumerate(train.stage_bounds(3, 2))]
+        x = idx
+        for stage in stages:
+            x = stage(x)
+        ref, _ = model(idx, idx)
+        torch.testing.assert_close(x, ref, atol=1e-6, rtol=0)
+        assert stages[1].num_params() == model.num_params()  # the plan counts the whole model
+        assert "transformer.h.2.ln_1.weight" in stages[1].state_dict()  # the whole model's names
+
+
+def test_parallel_fsdp_accumulation_syncs_on_the_last_micro_step_only():
+    # a stand-in for an FSDP2 module: records set_requires_gradient_sync; accumulate_gradients
+    # must switch the sync off for every micro-step but the last, and back on after each
+    calls = []
+
+    class FakeFSDP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def set_requires_gradient_sync(self, flag, recurse=True):
+            calls.append(flag)
+
+        def forward(self, x, y):
+            calls.append("forward")
+            return None, (self.w * x).sum()
+    batch = lambda lo, hi: (torch.ones(hi - lo), None)
+    train.accumulate_gradients(FakeFSDP(), batch, 2, 3, contextlib.nullcontext())
+    assert calls == [False, "forward", True, False, "forward", True, "forward"]
+    assert train.skip_gradient_sync(torch.nn.Linear(1, 1)) is None  # one process: nothing to skip
+
+
+# -----------------------------------------------------------------------------
+# bench.py --budget: memory per GPU
+
+
+def test_bench_memory_table_gpt2_row_by_hand():
+    # GPT-2 124M on 8 GPUs, micro-batch 8 x 1024, bf16 mixed precision and AdamW.
+    # N = 124,439,808 (model.py's count): 12 blocks of 12C^2 + 13C = 7,087,872 (weights of
+    # attention 4C^2 and MLP 8C^2, their biases 9C, two LayerNorms 4C), and the root
+    # (wte 50257 x 768 tied, wpe 1024 x 768, ln_f) 39,385,344
+    rows = {(r["model"], r["mode"]): r for r in bench.memory_table(gpus=8, batch_size=8)}
+    N, block, root, gib = 124_439_808, 7_087_872, 39_385_344, 2**30
+    assert 12 * block + root == N and rows[("124M", "ddp")]["n_params"] == N
+    ddp = rows[("124M", "ddp")]
+    assert ddp["params"] == pytest.approx(6 * N / gib)  # fp32 weights + autocast's bf16 copies
+    assert ddp["grads"] == pytest.approx(8 * N / gib)  # fp32 gradients + DDP's bucket copy
+    assert ddp["optimizer"] == pytest.approx(8 * N / gib)  # AdamW m and v in fp32
+    # Korthikanti et al. 2022 without recomputation, s*b*h*(34 + 5*a*s/h) bytes a layer:
+    # s*b*h = 1024 * 8 * 768 = 6,291,456 and 34 + 5 * 12 * 1024 / 768 = 114, 12 layers; and the
+    # loss's fp32 log-probabilities, 4 * s * b * V
+    layer, logits = 6_291_456 * 114, 4 * 1024 * 8 * 50257
+    assert bench.activation_bytes(1024, 8, 768, 12) == layer == 717_225_984  # its docstring
+    assert ddp["activations"] == pytest.approx((12 * layer + logits) / gib)
+    assert ddp["total"] == pytest.approx((22 * N + 12 * layer + logits) / gib)  # 12.10 GiB
+    fsdp = rows[("124M", "fsdp")]  # 1/8 of the fp32 state; bf16 root + 2 blocks gathered
+    assert fsdp["params"] == pytest.approx((4 * N / 8 + 2 * (root + 2 * block)) / gib)
+    assert fsdp["grads"] == pytest.approx((4 * N / 8 + 2 * (root + block)) / gib)
+    assert fsdp["optimizer"] == pytest.approx(8 * N / 8 / gib)
+    ac = rows[("124M", "fsdp+ac")]  # each block's bf16 input, and one block recomputed
+    assert ac["activations"] == pytest.approx((12 * 2 * 6_291_456 + layer + logits) / gib)
+    assert [r["total"] for r in rows.values() if r["model"] == "7B"] == sorted(
+        [r["total"] for r in rows.values() if r["model"] == "7B"], reverse=True)
+
+
+def test_bench_activation_formula_matches_saved_tensors():
+    # reference: the bytes autograd actually saves for the backward of one block, measured with
+    # saved_tensors_hooks (each storage once, parameters excluded) as the difference between a
+    # 2-layer and a 1-layer model, fp32 on the CPU with dropout and the explicit attention that
+    # keeps its (s, s) scores: Korthikanti's count with 4-byte values and 4-byte masks
+    s, b, h, a = 64, 2, 64, 4
+
+    def saved(n_layer):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=128, block_size=s, n_layer=n_layer, n_head=a, n_embd=h,
+                              dropout=0.1)).train()
+        model.manual_attention = True
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        seen = {}
+
+        def pack(t):
+            st = t.untyped_storage()
+            if st.data_ptr() not in params:
+                seen[st.data_ptr()] = st.nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(torch.randint(0, 128, (b, s)), torch.randint(0, 128, (b, s)))
+        return sum(seen.values())
+    per_layer = saved(2) - saved(1)
+    formula = bench.activation_bytes(s, b, h, a, value_bytes=4, mask_bytes=4)
+    # what the formula leaves out: the LayerNorms' means and inverse deviations (16sb bytes)
+    # and the explicit path's (s, s) causal mask (s^2 bool)
+    assert per_layer == formula + 16 * s * b + s * s, (per_layer, formula)
+
+
+# -----------------------------------------------------------------------------
 # train.py on llm.c's and modded-nanogpt's shards as they are (no meta.json)
 
 import base64

@@ -43,6 +43,7 @@ Chen et al. 2016 (activation checkpointing); Micikevicius et al. 2018 (loss scal
 
 import atexit
 import contextlib
+import datetime
 import gc
 import json
 import math
@@ -125,7 +126,13 @@ class TrainConfig:
     dtype: str = "auto"  # "auto", float32, bfloat16, float16 (see choose_device)
     compile: str = "auto"  # torch.compile the model: "auto" (CUDA only), "true", "false"
     grad_checkpoint: bool = False  # recompute activations in backward: less memory, ~30% slower
+    # torchrun: "ddp" replicas; "fsdp" shards of every tensor (FSDP2); "pipeline" one stage of
+    # consecutive blocks per process (see "Scale-out" below for when to switch)
+    parallel: str = "ddp"  # "ddp", "fsdp" or "pipeline"
+    fsdp_offload: bool = False  # fsdp on GPUs: shards, gradients, AdamW state in CPU memory
+    pipeline_schedule: str = "1f1b"  # pipeline: "1f1b" (<= S micro-batches held) or "gpipe"
     seed: int = 1337  # seeds the initial weights, dropout and the data order
+    dist_timeout_s: float = 600.0  # torchrun: a process waiting this long on another stops
     resume: bool = False  # continue out_dir/ckpt.pt; without it, start afresh there
     # stability
     max_bad_steps: int = 3  # non-finite steps in a row before reloading at half the lr
@@ -165,7 +172,8 @@ def resolve_config(cfg: TrainConfig, device: torch.device) -> TrainConfig:
         if getattr(cfg, key) == unset[key]:
             setattr(cfg, key, value)
     for key, allowed in (("sampling", ("random", "sequential")), ("optimizer", ("adamw", "muon")),
-                         ("schedule", ("cosine", "wsd")), ("compile", ("auto", "true", "false"))):
+                         ("schedule", ("cosine", "wsd")), ("compile", ("auto", "true", "false")),
+                         ("parallel", PARALLEL_MODES), ("pipeline_schedule", ("1f1b", "gpipe"))):
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"--{key}={getattr(cfg, key)} is not one of {', '.join(allowed)}")
     if cfg.batch_size < 1 or cfg.max_steps < 1 or cfg.learning_rate <= 0:
@@ -184,8 +192,25 @@ def resolve_config(cfg: TrainConfig, device: torch.device) -> TrainConfig:
 
 
 # Test hooks (see test_all.py): a CUDA-style out-of-memory error on the next `oom` micro-steps,
-# and a NaN loss at the listed steps. Never set in normal runs.
-FAULTS = {"oom": 0, "nan_steps": ()}
+# and a NaN loss at the listed steps. Never set in normal runs. A test cannot reach into the
+# processes torchrun starts, so the two for DDP come from the environment as "RANK:STEP":
+# TRAIN_TEST_EXIT=1:1 makes rank 1 exit hard after step 1 (a crash, a lost node),
+# TRAIN_TEST_HANG=1:1 makes it stop answering instead (a stuck GPU, a deadlock).
+def _rank_step(name: str) -> tuple | None:
+    value = os.environ.get(name, "")
+    return tuple(int(v) for v in value.split(":")) if value else None
+
+
+FAULTS = {"oom": 0, "nan_steps": (), "exit": _rank_step("TRAIN_TEST_EXIT"),
+          "hang": _rank_step("TRAIN_TEST_HANG")}
+
+
+def fault_after_step(rank: int, step: int) -> None:
+    """Act out FAULTS["exit"] or FAULTS["hang"] when they name this rank and step."""
+    if FAULTS["exit"] == (rank, step):
+        os._exit(3)  # no cleanup and no goodbye to the process group, as in a real crash
+    if FAULTS["hang"] == (rank, step):
+        time.sleep(3600)  # alive, holding its connections, silent: only a timeout notices
 
 # -----------------------------------------------------------------------------
 # Device, dtype and processes
@@ -271,7 +296,19 @@ def start_processes(cfg: TrainConfig) -> tuple[int, int, torch.device, torch.dty
     rank, local_rank, world = setup_distributed()
     device, dtype, why = choose_device(cfg, local_rank)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # subtle: the timeout is how a dead or stuck process is noticed. Without one, the others
+        # wait in their next collective for torch's default, 10 minutes under NCCL and 30 under
+        # gloo, holding their GPUs; with it, gloo raises in the waiting process, and NCCL's
+        # watchdog aborts the collective and takes the process down (the init_process_group
+        # docs). It must exceed the longest gap between two collectives: rank 0 writing
+        # ckpt.pt while the others wait, the first step's torch.compile. finetune.py's config
+        # has no dist_timeout_s, hence the default.
+        seconds = getattr(cfg, "dist_timeout_s", TrainConfig.dist_timeout_s)
+        if not seconds > 0:  # checked here: resolve_config runs after the group is joined
+            raise ValueError(f"--dist_timeout_s={seconds} must be positive: the seconds a "
+                             f"process waits on another before it stops")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=seconds))
     if device.type == "cuda":
         # TF32 for any fp32 matmul left outside autocast
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -842,8 +879,9 @@ def accumulate_gradients(model, batch_fn, micro_bs: int, accum: int, ctx, scaler
         x, y, *extra = batch_fn(m * micro_bs, (m + 1) * micro_bs)
         kwargs = extra[0] if extra else {}
         last = m == accum - 1
-        # under DDP, no_sync() skips the all-reduce: only the last micro-step pays for it
-        no_sync = getattr(model, "no_sync", None)
+        # under DDP, no_sync() skips the all-reduce (FSDP2: the reduce-scatter): only the last
+        # micro-step pays for it
+        no_sync = skip_gradient_sync(model)
         sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
         with sync:
             with ctx:
@@ -910,6 +948,20 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng_states(world: int) -> list | None:
+    """Every process's rng_state(), in rank order, on rank 0; None on the others. A collective:
+    every rank calls it, at the same point. One process: [rng_state()]."""
+    mine = rng_state()
+    if world == 1:
+        return [mine]
+    states = [None] * world if dist.get_rank() == 0 else None
+    # gather_object pickles each state and unpickles it on rank 0; that is safe here, as the
+    # senders are this run's own processes, and what reaches the checkpoint is plain values.
+    # Under NCCL the bytes travel through the current GPU (set in choose_device).
+    dist.gather_object(mine, states, dst=0)
+    return states
 
 
 def save_checkpoint(path: str, ckpt: dict) -> None:
@@ -1001,6 +1053,493 @@ def repair_after_crash(out_dir: str, step: int, best_step: int) -> None:
             pass
     if len(keep) != len(rows):
         write_text(log_path, "".join(keep))
+
+
+# -----------------------------------------------------------------------------
+# Scale-out: FSDP2 shards and pipeline stages (--parallel)
+
+# DDP keeps a whole replica on every GPU: fp32 weights, gradients and AdamW's m and v, 16 bytes
+# a parameter before any activation, so a 1.3B model needs ~21 GB per GPU however many there
+# are. Two ways past that, both launched with torchrun like DDP:
+#   fsdp      FSDP2 (torch.distributed.fsdp.fully_shard; ZeRO-3, Rajbhandari et al. 2020): each
+#             rank keeps 1/N of every tensor, a block's weights are all-gathered just before its
+#             forward and its backward and freed after, and its gradients are reduce-scattered:
+#             ~16/N bytes a parameter plus one block's whole weights at a time. The data split is
+#             DDP's (each rank its own rows), so runs match DDP's and one process's.
+#   pipeline  the blocks cut into S consecutive stages, one per rank (GPipe, Huang et al. 2019;
+#             1F1B, Narayanan et al. 2019 and 2021): a rank keeps only its stage, and the step's
+#             micro-batches flow through, activations forward and their gradients back. Every
+#             stage reads the same rows (no data parallelism), and (S-1)/(M+S-1) of a step with
+#             M micro-batches is the bubble, stages idle while the pipe fills and drains.
+# Both reproduce one process's run on the same global batch (to fp32 rounding; with dropout,
+# each rank draws its own masks, so in distribution only, as under DDP).
+# Checkpoints stay one plain state_dict with the whole model's names: shards and stages are
+# gathered to rank 0, so sample.py, finetune.py and load_checkpoint read them like any other.
+# Not here: a model too big for one host's memory would be built on the meta device and
+# initialized shard by shard (torchtitan does); every rank here builds the whole model from
+# the seed, so the shards and stages start from exactly the weights one process would train.
+PARALLEL_MODES = ("ddp", "fsdp", "pipeline")
+
+
+def data_parallel(parallel: str, rank: int, world: int) -> tuple[int, int]:
+    """(rank, world) of the data split: each process its own rows under ddp and fsdp; under
+    pipeline the processes are stages of one model, which all read the same rows: (0, 1)."""
+    return (0, 1) if parallel == "pipeline" else (rank, world)
+
+
+def check_parallel(cfg: TrainConfig, mcfg: GPTConfig, world: int, device: torch.device,
+                   dtype: torch.dtype, accum: int) -> None:
+    """One sentence for a --parallel this run cannot do. Every rank raises the same error from
+    the same inputs before any collective of the run, so bad input stops it, never hangs it."""
+    mode = cfg.parallel
+    if cfg.fsdp_offload and mode != "fsdp":
+        raise ValueError(f"--fsdp_offload applies to --parallel=fsdp, not --parallel={mode}; add "
+                         f"--parallel=fsdp or drop --fsdp_offload")
+    if cfg.fsdp_offload and device.type != "cuda":
+        raise ValueError(f"--fsdp_offload moves the shards out of GPU memory into the host's; on "
+                         f"--device={device.type} they are there already, so drop --fsdp_offload")
+    if mode == "ddp":
+        return
+    if world < 2:
+        raise ValueError(f"--parallel={mode} splits the model across torchrun processes and this "
+                         f"is one process; launch `torchrun --nproc_per_node=N train.py "
+                         f"--parallel={mode}` or drop --parallel")
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"--parallel={mode} runs on CUDA GPUs (NCCL) or CPUs (gloo), not "
+                         f"{device.type}; use --device=cpu or --parallel=ddp")
+    if dtype == torch.float16:
+        # subtle: a GradScaler skips a step when *its* gradients overflow; with shards or stages
+        # each rank sees only part of them, so the ranks would disagree on which steps to skip
+        raise ValueError(f"--parallel={mode} with float16 needs a GradScaler that agrees on "
+                         f"overflows across ranks, which train.py does not have; use "
+                         f"--dtype=bfloat16 or float32, or --parallel=ddp")
+    if mode == "pipeline" and world > mcfg.n_layer:
+        raise ValueError(f"--parallel=pipeline needs a block per stage: {world} processes "
+                         f"(stages) for n_layer={mcfg.n_layer}; launch at most {mcfg.n_layer} "
+                         f"processes or add layers")
+    if mode == "pipeline" and cfg.pipeline_schedule == "1f1b" and accum < world:
+        # 1F1B's steady state runs one forward and one backward per stage in turn, which needs
+        # a micro-batch in flight on every stage (torch's Schedule1F1B refuses fewer)
+        raise ValueError(f"--pipeline_schedule=1f1b needs at least one micro-batch per stage: "
+                         f"{accum} micro-batch(es) a step for {world} stages; raise "
+                         f"--total_batch_size (to {world * cfg.batch_size * mcfg.block_size} or "
+                         f"more), lower --batch_size, or use --pipeline_schedule=gpipe")
+    if mode == "pipeline" and cfg.compile == "true":
+        raise ValueError("--compile=true is not wired up for --parallel=pipeline (the schedule "
+                         "calls each stage itself); drop --compile or use --parallel=fsdp")
+
+
+@dataclass
+class ScaleOut:
+    """run.parallel under --parallel=fsdp or pipeline (None under ddp)."""
+    mode: str  # "fsdp" or "pipeline"
+    schedule: object = None  # pipeline: the torch.distributed.pipelining schedule of this stage
+    first: bool = True  # pipeline: this rank holds the embeddings
+    last: bool = True  # pipeline: this rank holds ln_f, lm_head and the loss
+    tied: torch.nn.Parameter = None  # pipeline, tied head: this stage's copy of wte = lm_head
+    tied_group: object = None  # pipeline, tied head: the process group of the first and last stage
+
+
+def scale_out(raw: GPT, cfg: TrainConfig, rank: int, world: int, device: torch.device,
+              dtype: torch.dtype, accum: int, log=print) -> tuple[torch.nn.Module, ScaleOut]:
+    """setup_run's step between building the model and its optimizers (which must see the final
+    parameters): (raw, None) under ddp; (the same module sharded in place, ScaleOut) under fsdp;
+    (this rank's PipelineStageModule, ScaleOut) under pipeline."""
+    check_parallel(cfg, raw.config, world, device, dtype, accum)
+    if cfg.parallel == "ddp":
+        return raw, None
+    if cfg.parallel == "fsdp":
+        return shard_fsdp(raw, cfg, world, device, dtype, log), ScaleOut("fsdp")
+    if cfg.compile == "auto":
+        cfg.compile = "false"  # see check_parallel: the stages run uncompiled
+    return split_pipeline(raw, cfg, rank, world, device, accum, log)
+
+
+def shard_fsdp(model: GPT, cfg: TrainConfig, world: int, device: torch.device,
+               dtype: torch.dtype, log=print) -> GPT:
+    """FSDP2 in place: each block its own unit (its weights gathered only around its forward
+    and backward), then the root for the rest (embeddings, ln_f, the head, tied or not). The
+    module is then an FSDPGPT, still a GPT, whose parameters are DTensors holding this rank's
+    rows (dim 0) of each tensor; names are unchanged, so state_dict keys carry no prefix."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
+    from torch.distributed.fsdp import fully_shard
+    mp, what = MixedPrecisionPolicy(), "fp32 throughout"
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        # the gathered copies that compute are bf16, the fp32 shards stay the master weights the
+        # optimizer updates, and gradients are reduce-scattered in fp32: a sum of N bf16
+        # gradients would lose their low bits
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        what = "bf16 compute copies, fp32 master shards and gradient reduction"
+    # offload: shards, gradients and optimizer state in pinned host memory and the optimizer
+    # step on the CPU: the GPU keeps only what computes now, for a PCIe copy each way per step
+    offload = CPUOffloadPolicy() if cfg.fsdp_offload else OffloadPolicy()
+    for block in model.transformer.h:
+        fully_shard(block, mp_policy=mp, offload_policy=offload)
+    fully_shard(model, mp_policy=mp, offload_policy=offload)
+    # each tensor's dim 0 in `world` chunks, as torch.chunk cuts it: rank 0 holds the largest
+    mine = sum(p.to_local().numel() for p in model.parameters())
+    log(f"fsdp: {len(model.transformer.h)} blocks and the root sharded over {world} ranks "
+        f"(FSDP2), rank 0 keeps {mine:,} of {model.num_params(False):,} parameters; {what}"
+        + ("; shards offloaded to CPU memory" if cfg.fsdp_offload else ""))
+    return model
+
+
+def skip_gradient_sync(model):
+    """accumulate_gradients' context for a micro-step that only accumulates its gradients:
+    DDP's no_sync(); FSDP2's set_requires_gradient_sync(False), so the reduce-scatter runs once,
+    on the last micro-step, as DDP's all-reduce does; None in one process (nothing to skip).
+    The trade: until that last micro-step FSDP2 keeps each block's whole gradient (in fp32, its
+    reduce dtype), not 1/N of it; a model whose whole gradients do not fit needs a sync on every
+    micro-step instead (communication for memory), which train.py does not offer."""
+    if hasattr(model, "no_sync"):  # DDP
+        return model.no_sync
+    fsdp = getattr(model, "_orig_mod", model)  # under torch.compile, the module it wraps
+    if not hasattr(fsdp, "set_requires_gradient_sync"):
+        return None
+
+    @contextlib.contextmanager
+    def no_sync():
+        fsdp.set_requires_gradient_sync(False)  # recurses into every block
+        try:
+            yield
+        finally:
+            fsdp.set_requires_gradient_sync(True)
+    return no_sync
+
+
+class PipelineStageModule(torch.nn.Module):
+    """Blocks [lo, hi) of a GPT, with the embeddings on the first stage and ln_f and lm_head on
+    the last. Its tensors keep the whole model's names (transformer.h.5.attn.c_attn.weight on
+    whichever stage holds block 5), so the stages' state_dicts merge into the GPT's."""
+    param_groups = GPT.param_groups  # the same AdamW groups, over this stage's tensors
+    estimate_mfu = GPT.estimate_mfu  # of the whole model (flops_per_token below)
+
+    def __init__(self, model: GPT, lo: int, hi: int, first: bool, last: bool):
+        super().__init__()
+        self.config, self.grad_checkpoint = model.config, model.grad_checkpoint
+        self.first, self.last = first, last
+        # the whole model's counts, for the plan and MFU (per GPU: tokens/s / world, FLOPs of all)
+        self.whole = {"params": model.num_params(True), "all_params": model.num_params(False),
+                      "flops": model.flops_per_token()}
+        t = model.transformer
+        self.transformer = torch.nn.ModuleDict()
+        if first:
+            self.transformer["wte"] = t.wte
+            if t.wpe is not None:
+                self.transformer["wpe"] = t.wpe
+            self.transformer["drop"] = t.drop
+        # keys "5", "6", ...: a block keeps its index in the whole model, in its name too
+        self.transformer["h"] = torch.nn.ModuleDict({str(i): t.h[i] for i in range(lo, hi)})
+        if last:
+            self.transformer["ln_f"] = t.ln_f
+            self.lm_head = model.lm_head  # tied: the same Parameter as wte (on the first stage)
+        self.register_buffer("rope_cos", model.rope_cos, persistent=False)  # (block_size, hs)
+        self.register_buffer("rope_sin", model.rope_sin, persistent=False)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        return self.whole["params" if non_embedding else "all_params"]
+
+    def flops_per_token(self) -> int:
+        return self.whole["flops"]
+
+    def forward(self, x):
+        """First stage: token ids (B, T) in; the others: the residual stream (B, T, C) from the
+        stage before. Out: logits (B, T, V) from the last stage, the residual stream from the
+        others. GPT.hidden_states and GPT.forward for whole rows from position 0, cut at the
+        stage's bounds (a pipeline run matches one process: _draft_parallel.py)."""
+        from torch.utils.checkpoint import checkpoint
+        T = x.size(1)
+        if self.first:
+            x = self.transformer.wte(x)  # (B, T) -> (B, T, C)
+            if "wpe" in self.transformer:
+                x = x + self.transformer.wpe(torch.arange(T, device=x.device))  # (B, T, C)
+            x = self.transformer.drop(x)  # (B, T, C)
+        cos = sin = None
+        if self.rope_cos is not None:
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hs) each
+        use_ckpt = self.grad_checkpoint and self.training and torch.is_grad_enabled()
+        for name, block in self.transformer.h.items():
+            if use_ckpt:  # as GPT.hidden_states: keep the block's input, redo it in backward
+                x = checkpoint(block, x, cos, sin, None, int(name), 0, None,
+                               use_reentrant=False)  # (B, T, C)
+            else:
+                x = block(x, cos, sin, None, int(name), 0, None)  # (B, T, C)
+        if self.last:
+            return self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        return x  # (B, T, C)
+
+
+def stage_bounds(n_layer: int, stages: int) -> list[tuple[int, int]]:
+    """[lo, hi) blocks of each stage, as even as can be, the first stages taking the extras
+    (the last one also computes the head and the loss).
+    Example: 5 layers, 2 stages -> [(0, 3), (3, 5)]."""
+    per, extra = divmod(n_layer, stages)
+    bounds, lo = [], 0
+    for s in range(stages):
+        hi = lo + per + (1 if s < extra else 0)
+        bounds.append((lo, hi))
+        lo = hi
+    return bounds
+
+
+def micro_batch_loss(logits, targets, accum: int = 1):
+    """The pipeline's loss_fn on the last stage: GPT.forward's loss (mean cross-entropy over the
+    targets that are not -100), divided by accum as accumulate_gradients divides each micro-loss,
+    so gradients add up to those of the step's mean loss, with the same arithmetic."""
+    loss = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), targets.reshape(-1), ignore_index=-100,
+        reduction="sum")  # (B*T, V) vs (B*T,)
+    return loss / (targets != -100).sum().clamp(min=1) / accum
+
+
+def split_pipeline(model: GPT, cfg: TrainConfig, rank: int, world: int, device: torch.device,
+                   accum: int, log=print) -> tuple[PipelineStageModule, ScaleOut]:
+    """This rank's stage of the model, and the schedule that runs the step's accum micro-batches
+    through all stages: 1F1B (one forward, one backward in turn once the pipe is full: at most S
+    micro-batches' activations held) or GPipe (every forward, then every backward: M held)."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    bounds = stage_bounds(model.config.n_layer, world)
+    first, last = rank == 0, rank == world - 1
+    stage = PipelineStageModule(model, *bounds[rank], first, last)
+    # the loss is applied on the last stage; scale_grads=False, as micro_batch_loss divides
+    loss_fn = lambda logits, targets: micro_batch_loss(logits, targets, accum)
+    make = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}[cfg.pipeline_schedule]
+    # the activations' shapes between stages are found on the first step (PipelineStage sends
+    # them along); every step then has the same micro-batch shape, (batch_size, block_size)
+    schedule = make(PipelineStage(stage, rank, world, device), accum, loss_fn=loss_fn,
+                    scale_grads=False)
+    par = ScaleOut("pipeline", schedule, first, last)
+    if model.config.tie_embeddings:
+        # Tied embeddings: wte (first stage) and lm_head (last stage) are one matrix in the
+        # model, so each of those two stages keeps a copy, equal at the start (same seed), and
+        # after each backward the two halves of its gradient (the embedding's and the head's)
+        # are summed on both (Megatron-LM's embedding group, Shoeybi et al. 2019). The same sum
+        # and the same optimizer step keep the copies equal, and the model is the tied one that
+        # one process trains. (Untying instead would train another model, with V*C more weights.)
+        par.tied = stage.transformer.wte.weight if first else (
+            stage.lm_head.weight if last else None)
+        par.tied_group = dist.new_group([0, world - 1])  # every rank must call new_group
+    m, s = accum, world
+    spans = " | ".join(f"{lo}-{hi - 1}" for lo, hi in bounds)
+    mine = sum(p.numel() for p in stage.parameters())
+    log(f"pipeline: {s} stages (blocks {spans}), stage 0 keeps {mine:,} of "
+        f"{model.num_params(False):,} parameters; {cfg.pipeline_schedule} over {m} micro-batches "
+        f"of {cfg.batch_size} rows; bubble (S-1)/(M+S-1) = {s - 1}/{m + s - 1} = "
+        f"{100 * (s - 1) / (m + s - 1):.0f}% of each step idle" +
+        ("; tied wte/lm_head gradients summed across the first and last stage"
+         if par.tied_group is not None else ""))
+    return stage, par
+
+
+def pipeline_gradients(run, batch_fn) -> torch.Tensor:
+    """accumulate_gradients for a pipeline stage: the schedule runs the step's micro-batches
+    forward and backward through every stage; then the tied weight's halves of gradient are
+    summed. Returns the step's mean loss (the last stage's) on every rank."""
+    par = run.parallel
+    x, y = batch_fn(0, run.micro_bs * run.accum)[:2]  # (M*B, T) each: the whole step's rows
+    losses = []  # last stage: one 0-d loss per micro-batch, each already divided by accum
+    with run.ctx:
+        if par.first:
+            par.schedule.step(x)  # the schedule cuts x into accum micro-batches of micro_bs rows
+        elif par.last:  # return_outputs=False: no (M*B, T, V) logits kept for nothing
+            par.schedule.step(target=y, losses=losses, return_outputs=False)
+        else:
+            par.schedule.step()
+    if par.tied is not None:
+        dist.all_reduce(par.tied.grad, group=par.tied_group)
+    loss = torch.stack(losses).sum().detach() if par.last else torch.zeros((), device=run.device)
+    dist.broadcast(loss, src=run.world - 1)
+    return loss
+
+
+def clip_gradients(run, max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_ on the global gradient; returns its norm before clipping. DDP's replicas
+    hold it whole. FSDP2's parameters are DTensors: clip_grad_norm_ sums the shards' squared
+    norms across ranks itself (a replicated DTensor comes back). A pipeline stage holds some
+    layers, so the stages' squared norms are summed here (the tied copy counted once) and every
+    stage scales by the same factor, as torch's clip_grad_norm_ does: max_norm / (norm + 1e-6)."""
+    par = run.parallel
+    if par is None or par.mode == "fsdp":
+        norm = torch.nn.utils.clip_grad_norm_(run.raw.parameters(), max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    params = [p for p in run.raw.parameters() if p.grad is not None]
+    # subtle: the last stage's copy of a tied weight holds the first stage's gradient again
+    counted = [p.grad for p in params if not (p is par.tied and not par.first)]
+    sq = torch.stack([g.detach().float().norm() for g in counted]).square().sum()  # this stage's
+    dist.all_reduce(sq)
+    norm = sq.sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for p in params:
+        p.grad.mul_(scale.to(p.grad.dtype))
+    return norm
+
+
+@torch.no_grad()
+def evaluate_scaled_out(run) -> float:
+    """Validation loss over run.val_windows under fsdp or pipeline, equal to evaluate_windows'.
+    fsdp: every rank must run the same number of forward passes (each gathers the shards), so
+    the windows are padded with rows whose targets are -100 (no loss, no weight) to a multiple
+    of world * micro_bs, and each rank takes its micro_bs rows of every group. pipeline: the
+    schedule's forward-only pass (schedule.eval) over groups of accum * micro_bs rows."""
+    par, bs = run.parallel, run.micro_bs
+    group = bs * (run.world if par.mode == "fsdp" else run.accum)
+    windows = run.val_windows
+    pad = -len(windows) % group
+    rows = np.concatenate([windows, np.repeat(windows[:1], pad, axis=0)])  # (N + pad, T+1)
+    x, y = to_device(rows, run.device)  # (N + pad, T) each
+    y = y.clone()
+    y[len(windows):] = -100  # the padding rows score nothing
+    was_training = run.raw.training
+    run.raw.eval()  # dropout off
+    total = torch.zeros(2, dtype=torch.float64)  # (loss * tokens, tokens), summed on the CPU
+    for i in range(0, len(rows), group):
+        if par.mode == "fsdp":
+            lo = i + run.rank * bs  # this rank's micro_bs rows of the group
+            with run.ctx:
+                _, loss = run.eval_model(x[lo:lo + bs], y[lo:lo + bs])
+            n = int((y[lo:lo + bs] != -100).sum())
+            total += torch.tensor([loss.item() * n, n], dtype=torch.float64)
+            continue
+        losses = []  # last stage: each micro-batch's mean loss, divided by accum
+        with run.ctx:
+            if par.first:
+                par.schedule.eval(x[i:i + group])
+            elif par.last:
+                par.schedule.eval(target=y[i:i + group], losses=losses)
+            else:
+                par.schedule.eval()
+        if par.last:
+            counts = (y[i:i + group] != -100).view(run.accum, bs, -1).sum(dim=(1, 2))  # (M,)
+            for loss, n in zip(losses, counts.tolist()):
+                total += torch.tensor([loss.item() * run.accum * n, n], dtype=torch.float64)
+    run.raw.train(was_training)
+    total = total.to(run.device)  # NCCL reduces CUDA tensors only
+    if par.mode == "fsdp":
+        dist.all_reduce(total)
+    else:  # only the last stage saw the losses
+        dist.broadcast(total, src=run.world - 1)
+    return (total[0] / total[1]).item()
+
+
+def gather_full_state(run) -> dict | None:
+    """A collective under fsdp or pipeline (every rank calls it): on rank 0, the whole model's
+    plain state_dict (the keys of GPT.state_dict(), CPU tensors) and each optimizer's state
+    with tensors named by those keys ({"state": {name: {...}}, "param_groups": [{..., "params":
+    [name, ...]}]}, what torch.distributed.checkpoint's get_optimizer_state_dict gives), as
+    {"model", "optimizer", "optimizer_muon"}; None on the other ranks and under ddp."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    par = run.parallel
+    if par is None:
+        return None
+    if par.mode == "fsdp":
+        # full_state_dict: each tensor all-gathered from its shards; cpu_offload: onto rank 0's
+        # CPU only, so no GPU ever holds the whole model
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model = get_model_state_dict(run.raw, options=opts)
+        optim = [get_optimizer_state_dict(run.raw, o, options=opts) for o in run.optimizers]
+    else:
+        # a stage's tensors are whole already: named, copied to the CPU, sent to rank 0
+        cpu = lambda v: v.detach().cpu() if isinstance(v, torch.Tensor) else v
+        named = [get_optimizer_state_dict(run.raw, o, options=StateDictOptions()) for o in
+                 run.optimizers]
+        mine = {"model": {k: cpu(v) for k, v in run.raw.state_dict().items()},
+                "optim": [{"state": {n: {k: cpu(v) for k, v in s.items()}
+                                     for n, s in d["state"].items()},
+                           "param_groups": d["param_groups"]} for d in named]}
+        parts = [None] * run.world if run.master else None
+        # gather_object pickles in transit, between this run's own processes; what reaches the
+        # checkpoint is plain tensors and values
+        dist.gather_object(mine, parts, dst=0)
+        if not run.master:
+            return None
+        model = {k: v for part in parts for k, v in part["model"].items()}  # stage order = GPT's
+        tied_head = "lm_head.weight" if run.mcfg.tie_embeddings else None
+        optim = [merge_named_states([part["optim"][j] for part in parts], drop=tied_head)
+                 for j in range(len(run.optimizers))]
+    if not run.master:
+        return None
+    return {"model": model, "optimizer": optim[0],
+            "optimizer_muon": optim[1] if len(optim) > 1 else None}
+
+
+def merge_named_states(states: list, drop: str | None = None) -> dict:
+    """The stages' named optimizer states as one, as if one optimizer held every tensor: the
+    states side by side, and each stage's param group joined to the one with the same settings
+    (a stage has a subset of the decay / no-decay groups). drop: the tied head's name, whose
+    state is the first stage's wte state again."""
+    merged, groups = {}, []
+    for s in states:
+        merged.update({k: v for k, v in s["state"].items() if k != drop})
+        for g in s["param_groups"]:
+            settings = {k: v for k, v in g.items() if k != "params"}
+            same = next((m for m in groups if {k: v for k, v in m.items() if k != "params"}
+                         == settings), None)
+            params = [p for p in g["params"] if p != drop]
+            if same is None:
+                groups.append({**settings, "params": params})
+            else:
+                same["params"] += params
+    return {"state": merged, "param_groups": groups}
+
+
+def gathered_model(mcfg: GPTConfig, weights: dict) -> GPT:
+    """A plain GPT on rank 0's CPU around gather_full_state's weights (no copy: assign=True),
+    for the evaluation's sample. On the CPU, so a big model's sample is slow: --sample_tokens=0."""
+    with torch.device("meta"):
+        model = GPT(mcfg)  # shapes only; the weights are the gathered tensors themselves
+    model.load_state_dict(weights, strict=True, assign=True)
+    if mcfg.tie_embeddings:  # assign=True put two Parameters in; share one again
+        model.lm_head.weight = model.transformer.wte.weight
+    model._set_rope_tables()  # the meta device's tables hold no values
+    return model
+
+
+def load_full_state(run, ck: dict) -> None:
+    """resume_run's and reload_after_divergence's loading for a named checkpoint (written under
+    fsdp or pipeline) or into a run under fsdp or pipeline. fsdp: set_model_state_dict and
+    set_optimizer_state_dict take the whole tensors (every rank read the file) and keep this
+    rank's shards. pipeline: each stage takes the tensors and states of its own names."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    path, par = run.ckpt_path, run.parallel
+    was = ck["config"].get("parallel", "ddp")
+    states = [ck["optimizer"]] + ([ck["optimizer_muon"]] if ck.get("optimizer_muon") else [])
+    # ddp numbers the optimizer's tensors by position, fsdp and pipeline name them
+    numbered = any(isinstance(p, int) for s in states for g in s["param_groups"]
+                   for p in g["params"])
+    if (par is None) != numbered:
+        raise ValueError(f"{path} was written under --parallel={was}, whose optimizer state is "
+                         f"{'numbered by position' if numbered else 'named'}, and "
+                         f"--parallel={run.cfg.parallel} keeps it "
+                         f"{'named' if numbered else 'numbered'}; resume with --parallel={was} "
+                         f"(fsdp and pipeline share one layout; the weights alone load anywhere)")
+    if len(states) != len(run.optimizers):
+        raise ValueError(f"{path} was trained with --optimizer={ck['config']['optimizer']}; resume "
+                         f"with it")
+    weights = ck.get("resume_weights") or ck["model"]
+    if par.mode == "fsdp":
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(run.raw, weights, options=opts)
+        for opt, state in zip(run.optimizers, states):
+            set_optimizer_state_dict(run.raw, opt, state, options=opts)
+        return
+    mine = run.raw.state_dict()
+    missing = [k for k in mine if k not in weights]
+    if missing:
+        raise ValueError(f"{path} lacks {missing[0]} of this stage; it is not this model's "
+                         f"checkpoint: resume with its options or use a new --out_dir")
+    run.raw.load_state_dict({k: weights[k] for k in mine})
+    for opt, state in zip(run.optimizers, states):
+        if par.tied is not None and not par.first:  # the head's copy takes wte's state
+            w, h = "transformer.wte.weight", "lm_head.weight"
+            state = {"state": {**state["state"], h: state["state"][w]} if w in state["state"]
+                     else state["state"],
+                     "param_groups": [{**g, "params": g["params"] + [h]} if w in g["params"]
+                                      else g for g in state["param_groups"]]}
+        # strict=False: the file names every stage's tensors; this stage takes its own
+        set_optimizer_state_dict(run.raw, opt, state,
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 # -----------------------------------------------------------------------------
@@ -1137,6 +1676,7 @@ class Run:
     eval_model: torch.nn.Module = None  # compiled but not DDP-wrapped: what evaluates
     ctx: object = None  # the autocast context (a no-op for fp32)
     wandb: object = None  # a wandb run under --wandb
+    parallel: ScaleOut = None  # --parallel=fsdp or pipeline: its state; None under ddp
     # progress: saved in every checkpoint, restored by --resume
     step: int = 0
     tokens_seen: int = 0
@@ -1185,6 +1725,19 @@ def batch_geometry(cfg: TrainConfig, block_size: int, world: int) -> tuple[int, 
     return cfg.batch_size, total_tokens // per_micro, total_tokens // block_size, total_tokens
 
 
+def seed_this_rank(seed: int, rank: int) -> None:
+    """Called once the weights are drawn (under `seed` on every process, so all start alike):
+    rank r > 0 reseeds torch with seed + r, so its dropout masks are its own; rank 0 goes on
+    with the stream it has, so one process, and rank 0 of many, draw exactly what a plain
+    `python train.py` draws."""
+    # subtle: were every rank to go on from the same seed, all would drop the same units at
+    # the same positions of their different rows: the world's masks would be one mask
+    # repeated world times, less noise than the dropout rate says (and than one process
+    # running the same rows with gradient accumulation, which draws fresh masks per micro-step)
+    if rank > 0:
+        torch.manual_seed(seed + rank)  # also seeds every CUDA device
+
+
 def setup_run(cfg: TrainConfig) -> Run:
     """Phase 1: device, data, model, optimizers, then the out_dir: cleared for a fresh run,
     or the checkpoint loaded for --resume; finally the compile and DDP wrappers."""
@@ -1203,15 +1756,21 @@ def setup_run(cfg: TrainConfig) -> Run:
     # weights and a resumed run (whose weights are then overwritten) draws the same numbers
     torch.manual_seed(cfg.seed)
     raw = GPT(mcfg).to(device)
+    seed_this_rank(cfg.seed, rank)  # then dropout masks of its own on each process
     raw.grad_checkpoint = cfg.grad_checkpoint
-    micro_bs, accum, step_rows, total_tokens = batch_geometry(cfg, mcfg.block_size, world)
+    micro_bs, accum, step_rows, total_tokens = batch_geometry(
+        cfg, mcfg.block_size, data_parallel(cfg.parallel, rank, world)[1])
     cfg.total_batch_size = total_tokens
+    # fsdp: the model sharded in place; pipeline: this rank's stage; before the optimizers, which
+    # must hold the parameters that train
+    raw, parallel = scale_out(raw, cfg, rank, world, device, dtype, accum, log)
     if rank == 0:
         check_writable(cfg.out_dir)
     optimizers = build_optimizers(raw, cfg, device)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None  # fp16 only
     run = Run(cfg, mcfg, device, dtype, rank, world, raw, optimizers, scaler, micro_bs, accum,
               step_rows, total_tokens, data_dir, meta, tok, tok_path, train_data, val_windows, log)
+    run.parallel = parallel
     # out_dir: a fresh run removes an earlier run's files before writing any of its own; a
     # resumed one continues from ckpt.pt
     if not cfg.resume and run.master:
@@ -1266,13 +1825,16 @@ def resume_run(run: Run) -> None:
                          f"resume on its dataset ({ck.get('dataset')}) or use a new --out_dir")
     # "resume_weights", where present, are the weights to go on from when they differ from the
     # ones to use (finetune.py's LoRA: base and adapters apart, "model" has them merged)
-    run.raw.load_state_dict(ck.get("resume_weights") or ck["model"])
-    states = [ck["optimizer"]] + ([ck["optimizer_muon"]] if ck.get("optimizer_muon") else [])
-    if len(states) != len(run.optimizers):
-        raise ValueError(f"{path} was trained with --optimizer={ck['config']['optimizer']}; resume "
-                         f"with it")
-    for opt, state in zip(run.optimizers, states):
-        opt.load_state_dict(state)
+    if run.parallel is not None or ck["config"].get("parallel", "ddp") != "ddp":
+        load_full_state(run, ck)  # fsdp, pipeline: named states into this rank's shards or stage
+    else:
+        run.raw.load_state_dict(ck.get("resume_weights") or ck["model"])
+        states = [ck["optimizer"]] + ([ck["optimizer_muon"]] if ck.get("optimizer_muon") else [])
+        if len(states) != len(run.optimizers):
+            raise ValueError(f"{path} was trained with --optimizer={ck['config']['optimizer']}; "
+                             f"resume with it")
+        for opt, state in zip(run.optimizers, states):
+            opt.load_state_dict(state)
     if run.scaler is not None and ck.get("scaler"):
         run.scaler.load_state_dict(ck["scaler"])
     run.step, run.tokens_seen, run.best_val = ck["step"], ck["tokens_seen"], ck["best_val_loss"]
@@ -1280,7 +1842,16 @@ def resume_run(run: Run) -> None:
     run.best_step, run.run_id = ck.get("best_step", -1), ck.get("run_id", "")
     run.elapsed_before = ck.get("elapsed", 0.0)  # --max_minutes is a budget for the whole run
     run.train_data.rows = ck["data_position"]["rows"]
-    set_rng_state(ck["rng"])  # the dropout masks of the next steps are those of a straight run
+    # each process takes back its own RNG state, so the dropout masks of the next steps are
+    # those of a straight run; "rng" holds one per rank (gather_rng_states), older checkpoints
+    # one dict, rank 0's. A rank with no saved state (more processes than the run had) keeps
+    # seed_this_rank's stream: the run goes on, but not bit for bit as a straight one would.
+    states = ck["rng"] if isinstance(ck["rng"], list) else [ck["rng"]]
+    if run.rank < len(states):
+        set_rng_state(states[run.rank])
+    if len(states) < run.world:
+        run.log(f"{path} holds the RNG states of {len(states)} process(es) and this run has "
+                f"{run.world}: the others draw their dropout masks afresh from seed + rank")
     if run.master:
         repair_after_crash(run.cfg.out_dir, run.step, run.best_step)
     run.log(f"resumed {path} at step {run.step} ({run.tokens_seen:,} tokens seen, "
@@ -1288,21 +1859,34 @@ def resume_run(run: Run) -> None:
 
 
 def wrap_model(run: Run, objective: torch.nn.Module | None = None) -> None:
-    """torch.compile (CUDA by default), then DDP; run.raw stays the plain module that is saved,
+    """DDP, then torch.compile (CUDA by default); run.raw stays the plain module that is saved,
     so checkpoints never carry the "_orig_mod." or "module." prefixes the wrappers add.
     DDP all-reduces the gradients during backward, bucket by bucket (Li et al. 2020).
     objective: a module whose forward(x, y) returns (anything, loss) around run.raw (finetune.py's
     DPO and classification losses); it is what gets wrapped and what train_step runs, so DDP
     sees the whole loss computation."""
     run.model = objective if objective is not None else run.raw
-    if run.cfg.compile == "true" or (run.cfg.compile == "auto" and run.device.type == "cuda"):
+    compiled = run.cfg.compile == "true" or (run.cfg.compile == "auto"
+                                             and run.device.type == "cuda")
+    if compiled:
         run.log("compiling the model with torch.compile (the first steps are slow)")
-        run.model = torch.compile(run.model)
-    run.eval_model = run.model
-    if run.world > 1:
+    # evaluation runs the plain module, compiled but never DDP-wrapped: no gradients to sync
+    run.eval_model = torch.compile(run.model) if compiled else run.model
+    if run.world > 1 and run.parallel is None:  # fsdp shards and pipeline stages sync themselves
         from torch.nn.parallel import DistributedDataParallel as DDP
         cuda = run.device.type == "cuda"
-        run.model = DDP(run.model, device_ids=[run.device.index] if cuda else None)
+        ddp = DDP(run.model, device_ids=[run.device.index] if cuda else None)
+        # DDP first, then torch.compile: the order of PyTorch's DDP notes ("TorchDynamo
+        # DDPOptimizer"), so that Dynamo splits the graph at DDP's bucket bounds and each
+        # bucket's all-reduce overlaps the rest of backward. subtle: Dynamo does not trace
+        # DDP.forward (it breaks the graph there) but compiles the forward DDP calls, and in
+        # torch 2.13 DDPOptimizer splits it in either order; it compiles only a forward of
+        # our own code (GPT, finetune.py's objectives), never a torch.nn container such as
+        # nn.Sequential, which would then run uncompiled. On 2 CPU processes the two orders
+        # gave the same graphs and losses bit for bit (the DDP notes in README).
+        run.model = torch.compile(ddp) if compiled else ddp
+    else:
+        run.model = run.eval_model
     if run.dtype == torch.float32:
         run.ctx = contextlib.nullcontext()
     else:  # matmuls in bf16/fp16, reductions and the loss in fp32 (autocast's own op lists)
@@ -1326,7 +1910,8 @@ def print_plan(run: Run) -> None:
             f"{train_tokens:,} tokens to train ({cfg.max_steps} steps x {run.total_tokens:,}), "
             f"{flops_tok * train_tokens:.3g} FLOPs, {est}; {train_tokens / n_params:.1f} "
             f"tokens/parameter (Chinchilla-optimal ~20)")
-    run.log(f"batch: {run.micro_bs} rows x {run.mcfg.block_size} tokens x {run.world} processes x "
+    dp_world = data_parallel(cfg.parallel, run.rank, run.world)[1]  # pipeline: 1, stages share rows
+    run.log(f"batch: {run.micro_bs} rows x {run.mcfg.block_size} tokens x {dp_world} processes x "
             f"{run.accum} accumulation = {run.total_tokens:,} tokens/step; train split "
             f"{run.meta['splits']['train']['tokens']:,} tokens")
     if cfg.wandb and run.master:
@@ -1361,7 +1946,8 @@ def pretraining_batches(run: Run):
     """batch_fn for this step: rows [lo, hi) of this process's share of the step's global batch."""
     # the step's first row (a fixed value now: the closure below never sees it change), and
     # where this process's share of the step's rows begins
-    first, mine = run.train_data.rows, run.rank * run.micro_bs * run.accum
+    dp_rank = data_parallel(run.cfg.parallel, run.rank, run.world)[0]  # pipeline: 0 on every stage
+    first, mine = run.train_data.rows, dp_rank * run.micro_bs * run.accum
 
     def batch_fn(lo, hi):
         rows = run.train_data.rows_at(first, mine + lo, mine + hi, run.step_rows, run.cfg.sampling)
@@ -1387,7 +1973,7 @@ def train_step(run: Run, time_frac: float = 0.0, batch_fn=None) -> None:
         for opt in run.optimizers:
             run.scaler.unscale_(opt)
     clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    norm = torch.nn.utils.clip_grad_norm_(run.raw.parameters(), clip)  # logged before clipping
+    norm = clip_gradients(run, clip)  # the global norm (all shards, all stages), before clipping
     run.train_loss, run.grad_norm = loss.item(), norm.item()
     # A non-finite loss, or a non-finite gradient without a GradScaler, is a bad step: no update
     # at all (Adam's moments would be poisoned). With a GradScaler (fp16), non-finite gradients
@@ -1421,6 +2007,7 @@ def train_step(run: Run, time_frac: float = 0.0, batch_fn=None) -> None:
         if ema is not None and run.step > 10 and loss > cfg.spike_factor * ema:
             run.log(f"step {run.step}: loss spike {loss:.3f} vs running mean {ema:.3f}")
         run.loss_ema = loss if ema is None else 0.95 * ema + 0.05 * loss
+    fault_after_step(run.rank, run.step)  # test hooks only (FAULTS)
 
 
 def gradients_with_oom_fallback(run: Run, batch_fn) -> torch.Tensor:
@@ -1428,6 +2015,8 @@ def gradients_with_oom_fallback(run: Run, batch_fn) -> torch.Tensor:
     accumulation (the global batch stays the same) and run the step again."""
     while True:
         try:
+            if run.parallel is not None and run.parallel.mode == "pipeline":
+                return pipeline_gradients(run, batch_fn)  # the schedule runs every micro-batch
             return accumulate_gradients(run.model, batch_fn, run.micro_bs, run.accum, run.ctx,
                                         run.scaler, nan=run.step in FAULTS["nan_steps"])
         except RuntimeError as e:
@@ -1460,10 +2049,13 @@ def reload_after_divergence(run: Run) -> None:
         raise RuntimeError(f"training diverged at step {run.step} and {run.ckpt_path} was not "
                            f"written by this run, so it is not reloaded; lower --learning_rate or "
                            f"raise --warmup_steps and start again")
-    run.raw.load_state_dict(ck["model"])
-    run.optimizers[0].load_state_dict(ck["optimizer"])
-    if len(run.optimizers) > 1:
-        run.optimizers[1].load_state_dict(ck["optimizer_muon"])
+    if run.parallel is not None:  # fsdp, pipeline: named states into this rank's part
+        load_full_state(run, ck)
+    else:
+        run.raw.load_state_dict(ck["model"])
+        run.optimizers[0].load_state_dict(ck["optimizer"])
+        if len(run.optimizers) > 1:
+            run.optimizers[1].load_state_dict(ck["optimizer_muon"])
     run.lr_scale, run.bad_streak, run.reloads = run.lr_scale * 0.5, 0, run.reloads + 1
     run.log(f"reloaded {run.ckpt_path} (step {ck['step']}) with the learning rate scaled by "
             f"{run.lr_scale}")
@@ -1503,8 +2095,11 @@ def evaluate_and_save(run: Run) -> None:
     """Phase 5: validation loss and bits per byte on the fixed windows (all processes), then on
     rank 0 a log row, a sample, ckpt.pt, best.pt when this is the best evaluation, and loss.svg."""
     # eval_model: compiled but never DDP-wrapped, since evaluation has no gradients to sync
-    loss, _ = evaluate_windows(run.eval_model, run.val_windows, run.micro_bs, run.device, run.ctx,
-                               run.rank, run.world)
+    if run.parallel is not None:  # fsdp, pipeline: every rank runs the same passes
+        loss = evaluate_scaled_out(run)
+    else:
+        loss, _ = evaluate_windows(run.eval_model, run.val_windows, run.micro_bs, run.device,
+                                   run.ctx, run.rank, run.world)
     val = run.meta["splits"]["val"]
     bpb = bits_per_byte(loss, val["tokens"], val["bytes"])
     run.history["val"].append([run.tokens_seen, loss, bpb])
@@ -1513,12 +2108,14 @@ def evaluate_and_save(run: Run) -> None:
         run.best_val, run.best_step = loss, run.step
     run.log(f"eval step {run.step}: val loss {loss:.4f}, {bpb:.4f} bits/byte"
             + (" (best)" if improved else "") + f" | {fmt_time(time.time() - run.t_start)}")
+    rng = gather_rng_states(run.world)  # on every rank: a collective
+    full = gather_full_state(run)  # fsdp, pipeline: the whole model on rank 0 (a collective too)
     if run.master:
         append_log(run.cfg.out_dir, {"step": run.step, "tokens": run.tokens_seen, "val_loss": loss,
                                      "val_bpb": bpb, "time": time.time() - run.t_start})
         if run.cfg.sample_tokens:
-            run.log("sample: " + repr(sample_text(run)[:300]))
-        save_checkpoint(run.ckpt_path, checkpoint_dict(run))
+            run.log("sample: " + repr(sample_text(run, full)[:300]))
+        save_checkpoint(run.ckpt_path, checkpoint_dict(run, rng, full))
         if improved:
             # after ckpt.pt, so a kill in between leaves best.pt behind, which resume_run repairs
             copy_durably(run.ckpt_path, run.best_path)
@@ -1528,31 +2125,39 @@ def evaluate_and_save(run: Run) -> None:
         run.wandb.log({"val/loss": loss, "val/bpb": bpb}, step=run.step)
 
 
-def sample_text(run: Run) -> str:
+def sample_text(run: Run, full: dict | None = None) -> str:
     """A short sample from <|endoftext|>, with a generator of its own: the training RNG is
-    untouched, so a run with samples and one without train the same weights."""
-    g = torch.Generator(device=run.device).manual_seed(run.cfg.seed)
-    idx = torch.tensor([[run.tok.eot_id]], device=run.device)
+    untouched, so a run with samples and one without train the same weights. full: under fsdp or
+    pipeline, gather_full_state's dict; the sample then comes from its weights on the CPU."""
+    model = run.raw if full is None else gathered_model(run.mcfg, full["model"])
+    device = model.lm_head.weight.device
+    g = torch.Generator(device=device).manual_seed(run.cfg.seed)
+    idx = torch.tensor([[run.tok.eot_id]], device=device)
     with run.ctx:
-        out = run.raw.generate(idx, run.cfg.sample_tokens, temperature=0.8, top_k=50, generator=g,
-                               vocab_limit=run.tok.n_vocab)
+        out = model.generate(idx, run.cfg.sample_tokens, temperature=0.8, top_k=50, generator=g,
+                             vocab_limit=run.tok.n_vocab)
     run.raw.train()
     return run.tok.decode(out[0, 1:].tolist())
 
 
-def checkpoint_dict(run: Run) -> dict:
+def checkpoint_dict(run: Run, rng: list | None = None, full: dict | None = None) -> dict:
     """What ckpt.pt holds: the unwrapped weights, every state needed to continue exactly, and
-    plain values only (STYLE rule 9), so it loads with weights_only=True."""
+    plain values only (STYLE rule 9), so it loads with weights_only=True. rng: every rank's RNG
+    state from gather_rng_states; without it, only this process's (enough for one process).
+    full: gather_full_state's whole weights and named optimizer states, under fsdp or pipeline,
+    where run.raw and run.optimizers hold only this rank's part."""
     # Three groups: what the model is (weights, configs); how to go on exactly (optimizer and
     # GradScaler states, step, RNG, data position, best-so-far, clock, run id); and what it needs
     # to be used (the tokenizer's name and sha256, the vocabulary, the dataset).
     opt = run.optimizers
-    return {"model": run.raw.state_dict(), "model_config": asdict(run.mcfg),
+    full = full or {"model": run.raw.state_dict(), "optimizer": opt[0].state_dict(),
+                    "optimizer_muon": opt[1].state_dict() if len(opt) > 1 else None}
+    return {"model": full["model"], "model_config": asdict(run.mcfg),
             "config": asdict(run.cfg),
-            "optimizer": opt[0].state_dict(),
-            "optimizer_muon": opt[1].state_dict() if len(opt) > 1 else None,
+            "optimizer": full["optimizer"],
+            "optimizer_muon": full["optimizer_muon"],
             "scaler": run.scaler.state_dict() if run.scaler else None,
-            "step": run.step, "tokens_seen": run.tokens_seen, "rng": rng_state(),
+            "step": run.step, "tokens_seen": run.tokens_seen, "rng": rng or [rng_state()],
             "data_position": {"rows": run.train_data.rows, "sampling": run.cfg.sampling},
             "best_val_loss": run.best_val, "best_step": run.best_step, "lr_scale": run.lr_scale,
             "history": run.history, "run_id": run.run_id, "elapsed": time.time() - run.t_start,
@@ -1618,11 +2223,27 @@ def main(argv=None) -> None:
     try:
         train(cfg)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}{lost_process_hint(e, cfg)}", file=sys.stderr)
         sys.exit(1)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def lost_process_hint(e: BaseException, cfg: TrainConfig) -> str:
+    """The second half of the sentence for a collective that failed because another process
+    died ("Connection closed by peer") or stopped answering ("Timed out waiting 600000ms"),
+    as gloo words it; "" for any other error."""
+    # NCCL's watchdog ends the process itself on a timeout (its own log lines say so), so what
+    # reaches here is gloo's message ("Connection closed by peer" or "reset by peer" when the
+    # other process is gone) or an NCCL error raised at the call
+    said = str(e)
+    if not (dist.is_available() and dist.is_initialized()) or not any(
+            s in said for s in ("by peer", "Timed out", "timed out", "NCCL error")):
+        return ""
+    return (f" (rank {dist.get_rank()} of {dist.get_world_size()}: another process died, or "
+            f"stopped answering for more than --dist_timeout_s={cfg.dist_timeout_s:g} seconds; "
+            f"its own log holds the first error; once that is fixed, go on with --resume)")
 
 
 if __name__ == "__main__":
