@@ -4039,13 +4039,8 @@ def test_export_of_an_imported_model_whose_tokenizer_lacks_rows(_train_data, tmp
     # model's last row; the export grows the rows so every token it names has one
     transformers = pytest.importorskip("transformers")
     _, tok = _train_data
-    tok.save(str(tmp_path / "full.bpe"))
-    lines = (tmp_path / "full.bpe").read_text(encoding="utf-8").split("\n")
     src = tmp_path / "src"
-    src.mkdir()
-    (src / "tokenizer.bpe").write_text("\n".join(l for l in lines if not l.startswith("special ")
-                                                  or "endoftext" in l), encoding="utf-8")
-    plain = Tokenizer.load(str(src / "tokenizer.bpe"))
+    plain = _tokenizer_without_chat_tokens(tok, src)
     torch.manual_seed(0)
     GPT(GPTConfig(vocab_size=plain.eot_id + 1, block_size=64, n_layer=1, n_head=2, n_embd=32)).save_hf(str(src))
     sample.main([f"--hf={src}", f"--export={tmp_path / 'hf'}"])
@@ -4379,16 +4374,23 @@ def test_model_grow_vocab_keeps_old_rows_and_means_new_ones(style):
     again.load_state_dict(m.state_dict())  # a checkpoint of it loads as a plain GPT
 
 
+def _tokenizer_without_chat_tokens(tok, folder) -> Tokenizer:
+    """folder/tokenizer.bpe: tok with <|endoftext|> as its only special token, as GPT-2's BPE;
+    returns it loaded (Tokenizer adds the others back after its last id)."""
+    folder.mkdir()
+    tok.save(str(folder / "full.bpe"))
+    lines = (folder / "full.bpe").read_text(encoding="utf-8").split("\n")
+    (folder / "full.bpe").unlink()
+    (folder / "tokenizer.bpe").write_text("\n".join(l for l in lines if not l.startswith("special ")
+                                                     or "endoftext" in l), encoding="utf-8")
+    return Tokenizer.load(str(folder / "tokenizer.bpe"))
+
+
 def test_finetune_from_a_hugging_face_dir_whose_tokenizer_lacks_chat_tokens(_train_data, tmp_path, capsys):
     _, tok = _train_data
     # a tokenizer file with only <|endoftext|> (as GPT-2's), and a model with no rows past it
-    tok.save(str(tmp_path / "full.bpe"))
-    lines = (tmp_path / "full.bpe").read_text(encoding="utf-8").split("\n")
     hf = tmp_path / "hf"
-    hf.mkdir()
-    (hf / "tokenizer.bpe").write_text("\n".join(l for l in lines if not l.startswith("special ")
-                                                 or "endoftext" in l), encoding="utf-8")
-    plain = Tokenizer.load(str(hf / "tokenizer.bpe"))
+    plain = _tokenizer_without_chat_tokens(tok, hf)
     assert plain.added_specials == SPECIAL_TOKENS[1:]
     n_rows = plain.eot_id + 1
     torch.manual_seed(0)
