@@ -3161,8 +3161,8 @@ def test_parallel_fsdp_matches_one_process_and_resumes(_train_data, tmp_path):
     data_dir, _ = _train_data
     out, _ = _check_scaled_out(data_dir, tmp_path, "fsdp")
     # rank 0's shards: the first half (rounded up) of every tensor's rows
-    model = GPT(GPTConfig(**torch.load(tmp_path / "runs" / "straight" / "ckpt.pt",
-                                       weights_only=True)["model_config"]))
+    ck = torch.load(tmp_path / "runs" / "straight" / "ckpt.pt", weights_only=True)
+    model = GPT(GPTConfig(**ck["model_config"]))
     mine = sum(-(-p.shape[0] // 2) * p[0].numel() for p in model.parameters())
     assert (f"fsdp: 2 blocks and the root sharded over 2 ranks (FSDP2), rank 0 keeps {mine:,} of "
             f"{model.num_params(False):,} parameters; fp32 throughout") in out
@@ -3977,15 +3977,23 @@ def test_sample_refuses_a_tokenizer_the_checkpoint_was_not_trained_with(sample_e
 
 import contextlib
 
-@pytest.mark.parametrize("style", ["gpt2", "llama"])
-def test_export_hf_generates_what_sample_py_generates(_train_data, tmp_path, capsys, style):
-    # reference: sample.py --temperature=0 on the checkpoint, against transformers on the export
-    transformers = pytest.importorskip("transformers")
-    data_dir, tok = _train_data
-    out, hf = tmp_path / "out", tmp_path / "hf"
-    kw = {} if style == "gpt2" else dict(norm="rmsnorm", mlp="swiglu", pos="rope", n_kv_head=1)
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def _export_ckpt(request, _train_data, tmp_path_factory):
+    """A train.py out_dir of each model style (30 steps, context 64) to export: its path."""
+    data_dir, _ = _train_data
+    out = tmp_path_factory.mktemp("export") / request.param
+    kw = {} if request.param == "gpt2" else dict(norm="rmsnorm", mlp="swiglu", pos="rope", n_kv_head=1)
     with contextlib.redirect_stdout(io.StringIO()):
         train.train(_train_cfg(data_dir, out, block_size=64, max_steps=30, eval_interval=30, **kw))
+    return out
+
+
+def test_export_hf_generates_what_sample_py_generates(_export_ckpt, _train_data, tmp_path, capsys):
+    # reference: sample.py --temperature=0 on the checkpoint, against transformers on the export
+    transformers = pytest.importorskip("transformers")
+    _, tok = _train_data
+    out, hf = _export_ckpt, tmp_path / "hf"
     sample.main([f"--out_dir={out}", f"--export={hf}"])
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
             "tokenizer_config.json", "tokenizer.bpe"} <= set(os.listdir(hf))
@@ -4010,17 +4018,13 @@ def test_export_hf_generates_what_sample_py_generates(_train_data, tmp_path, cap
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("style", ["gpt2", "llama"])
-def test_export_gguf_runs_in_llama_cpp_like_sample_py(_train_data, tmp_path, capsys, style):
+def test_export_gguf_runs_in_llama_cpp_like_sample_py(_export_ckpt, _train_data, tmp_path, capsys):
     # reference: sample.py --temperature=0 on the checkpoint; llama.cpp (llama-cpp-python) on the
     # file, where it is installed (it builds from source: .ci/run does not install it)
     pytest.importorskip("gguf")
     llama_cpp = pytest.importorskip("llama_cpp")
-    data_dir, tok = _train_data
-    out, path = tmp_path / "out", tmp_path / "m.gguf"
-    kw = {} if style == "gpt2" else dict(norm="rmsnorm", mlp="swiglu", pos="rope", n_kv_head=1)
-    with contextlib.redirect_stdout(io.StringIO()):
-        train.train(_train_cfg(data_dir, out, block_size=64, max_steps=30, eval_interval=30, **kw))
+    _, tok = _train_data
+    out, path = _export_ckpt, tmp_path / "m.gguf"
     sample.main([f"--out_dir={out}", f"--export={path}", "--format=gguf"])
     prompt = "def main(self, "
     capsys.readouterr()
